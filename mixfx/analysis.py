@@ -1,0 +1,640 @@
+"""Is this network truly convolutional? The analyser behind `mixfx analyze`.
+
+Pipeline (see DESIGN.md): trace -> one concrete run at the example size (the model must accept its
+own example) -> one symbolic run (H, W as ShapeEnv symbols, guards attributed per node) -> meaning
+of each guard (formulas.characterise) -> rigid nodes, head, global mixing, constraints, output
+formula -> concrete runs at two other sizes (and at sizes that violate each constraint) to confirm
+the verdict; where symbolic and concrete answers disagree the report says so, and the concrete
+answer wins for rigidity.
+"""
+from __future__ import annotations
+
+import operator
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from mixfx.errors import InputSpecError
+from mixfx.formulas import GuardMeaning, characterise, format_expr, free_input_symbols, lcm
+from mixfx.report import AnalysisReport, ConcreteCheck, GlobalMixing, HeadInfo, NodeInfo, RigidNode
+from mixfx.shapes import ConcreteRun, SymbolicRun, flatten_outputs, propagate_concrete, propagate_symbolic
+from mixfx.tracing import Leaf, TraceResult, is_assert_target, trace
+
+
+# ----------------------------------------------------------------------------- node descriptions
+def module_path(node: torch.fx.Node) -> str | None:
+    """The module a node belongs to: its target for call_module, else the innermost entry of
+    `nn_module_stack`, else the parameter it reads (`pos_embed`)."""
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return str(path)
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            return str(arg.target)
+    return None
+
+
+def op_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return type(mod).__name__
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        overload = getattr(node.target, "_overloadpacket", None)
+        return f"aten.{overload.__name__}" if overload is not None else name
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return node.op
+
+
+_MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm", "__matmul__",
+                   "aten.matmul", "aten.bmm", "aten.einsum", "aten.mm"}
+_SDPA_TARGETS = {"scaled_dot_product_attention", "aten.scaled_dot_product_attention",
+                 "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention"}
+_SEQUENCE_MODULES = (nn.MultiheadAttention, nn.RNNBase)
+
+
+# ----------------------------------------------------------------------------- helpers on values
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return flatten_outputs(value)
+
+
+def _dim_symbols(size: Any, symbols) -> set[str]:
+    if isinstance(size, torch.SymInt):
+        return free_input_symbols(size.node.expr, symbols)
+    return set()
+
+
+def _depends(value: Any, symbols) -> set[str]:
+    out: set[str] = set()
+    for t in _tensors(value):
+        for d in t.shape:
+            out |= _dim_symbols(d, symbols)
+    if isinstance(value, torch.SymInt):
+        out |= _dim_symbols(value, symbols)
+    return out
+
+
+def _format_shape(value: Any, symbols) -> str | None:
+    ts = _tensors(value)
+    if not ts:
+        if isinstance(value, (int, torch.SymInt)):
+            return format_expr(value.node.expr if isinstance(value, torch.SymInt) else value, symbols)
+        return None
+    parts = ["[" + ", ".join(_format_dim(d, symbols) for d in t.shape) + "]" for t in ts[:4]]
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + (", ..." if len(ts) > 4 else "") + ")"
+
+
+def _format_dim(d: Any, symbols) -> str:
+    return format_expr(d.node.expr, symbols) if isinstance(d, torch.SymInt) else str(int(d))
+
+
+def _concrete_depends(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and a != b
+
+
+# ----------------------------------------------------------------------------- the analyser
+class _Analyser:
+    def __init__(self, gm: torch.fx.GraphModule, example_shape: tuple[int, ...], model_name: str, tracer: str,
+                 is_timm: bool):
+        self.gm = gm
+        self.example = tuple(example_shape)
+        self.model_name = model_name
+        self.tracer = tracer
+        self.is_timm = is_timm
+        self.nodes = list(gm.graph.nodes)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    # -- runs -------------------------------------------------------------------------------
+    def run(self) -> AnalysisReport:
+        t0 = time.perf_counter()
+        base = propagate_concrete(self.gm, self.example)
+        self._require_example_ok(base)
+        self.timings["concrete_example_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sym = propagate_symbolic(self.gm, self.example)
+        self.timings["symbolic_s"] = time.perf_counter() - t0
+        self.sym = sym
+        self.symbols = sym.symbols
+        self.dim_names = list(self.symbols)
+        self.example_sizes = {name: self.example[2 + i] for i, name in enumerate(self.dim_names)}
+        if sym.failure is not None:
+            n = self.by_name.get(sym.failure.node)
+            self.notes.append(
+                f"Symbolic propagation stopped at `{sym.failure.node}`"
+                f"{f' ({module_path(n)})' if n is not None and module_path(n) else ''}: {sym.failure.error} "
+                f"[{sym.failure.kind}]. Nodes after it are judged from concrete runs only.")
+
+        t0 = time.perf_counter()
+        meanings = self._guard_meanings()
+        rigid = self._rigid_nodes(meanings)
+        constraints = self._constraints(meanings)
+        self.timings["guards_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        sizes = self._other_sizes(constraints)
+        others = [propagate_concrete(self.gm, s) for s in sizes]
+        spatial = self._spatial_nodes(base, others)
+        head_nodes = self._head_nodes(spatial, {r.node for r in rigid})
+        mixing = self._global_mixing(spatial, head_nodes)
+        checks, disagreements, rigid = self._confirm(rigid, base, others)
+        kept, dropped_constraints = self._confirm_constraints(constraints, bool(rigid))
+        self.timings["concrete_checks_s"] = time.perf_counter() - t0
+
+        outputs = self._outputs()
+        out_spatial = any(self._node_spatial(self._output_node(), spatial))
+        if rigid:
+            cls = "fixed"
+        elif mixing:
+            cls = "polymorphic"
+        else:
+            cls = "convolutional"
+        head = head_nodes[0] if head_nodes else None
+        report = AnalysisReport(
+            model=self.model_name,
+            input_shape=list(self.example),
+            tracer=self.tracer,
+            classification=cls,
+            fully_convolutional=(cls == "convolutional" and out_spatial),
+            summary="",
+            rigid_nodes=rigid,
+            head=HeadInfo(head.name, module_path(head), op_name(head, self.gm)) if head is not None else None,
+            global_mixing=mixing,
+            constraints=kept,
+            output_shape=outputs[0] if outputs else [],
+            outputs=outputs,
+            concrete_checks=checks,
+            disagreements=disagreements,
+            notes=self.notes,
+            dropped_guards=dropped_constraints + self.noise,
+            unknown_nodes=[sym.failure.node] if sym.failure is not None else [],
+        )
+        report.nodes = self._node_table(spatial, rigid, mixing, head_nodes)
+        report.summary = _summary(report)
+        return report
+
+    def _require_example_ok(self, base: ConcreteRun) -> None:
+        if base.failure is None:
+            if base.failed_asserts:
+                self.notes.append("The example input fails the model's own size check(s): "
+                                  + ", ".join(base.failed_asserts) + ".")
+            return
+        n = self.by_name.get(base.failure.node)
+        where = f"`{base.failure.node}`" + (f" ({module_path(n)}, {op_name(n, self.gm)})" if n is not None else "")
+        if base.failure.kind in ("unsupported", "data_dependent"):
+            self.notes.append(f"Concrete shape propagation cannot run {where}: {base.failure.error}.")
+            return
+        raise InputSpecError(
+            f"The model fails on its example input of shape {'x'.join(map(str, self.example))} at {where}: "
+            f"{base.failure.error}.",
+            "Check the input shape (--input, or the model file's INPUT_SHAPE / example_inputs()): its rank and "
+            "channel count must be what the model expects.")
+
+    # -- guards ---------------------------------------------------------------------------------
+    def _guard_meanings(self) -> dict[str, list[tuple[Any, list[GuardMeaning]]]]:
+        cache: dict[str, list[GuardMeaning]] = {}
+        out: dict[str, list[tuple[Any, list[GuardMeaning]]]] = {}
+
+        def meaning(expr):
+            key = str(expr)
+            if key not in cache:
+                cache[key] = characterise(expr, self.symbols, self.example_sizes)
+            return cache[key]
+
+        for name, exprs in self.sym.guards.items():
+            out[name] = [(e, meaning(e)) for e in exprs]
+        self.assert_meanings = {}
+        for name, cond in self.sym.asserts.items():
+            if cond is None or isinstance(cond, bool):
+                continue
+            try:
+                self.assert_meanings[name] = (cond, meaning(cond))
+            except Exception:  # noqa: BLE001 - an unreadable check is reported, not fatal
+                self.notes.append(f"Could not read the size check at `{name}`.")
+        return out
+
+    def _rigid_nodes(self, meanings) -> list[RigidNode]:
+        rigid: list[RigidNode] = []
+        seen: set[str] = set()
+        example_txt = "x".join(str(v) for v in self.example_sizes.values())
+        for n in self.nodes:
+            if n.name in self.assert_meanings:
+                cond, ms = self.assert_meanings[n.name]
+                fixed = [m for m in ms if m.kind == "fixed"]
+                if fixed:
+                    text = " and ".join(dict.fromkeys(m.text for m in fixed))
+                    mod = self._assert_module(n)
+                    rigid.append(RigidNode(
+                        n.name, mod, "assert", "guarded",
+                        f"explicit size check: requires {text} (the input must be {example_txt})",
+                        text, self._cure_for_guard(mod)))
+            texts = [m.text for _, ms in meanings.get(n.name, []) for m in ms if m.kind == "fixed"]
+            new = [t for t in dict.fromkeys(texts) if t not in seen]
+            seen.update(texts)
+            if new:
+                rigid.append(self._structural(n, " and ".join(new), example_txt))
+        return rigid
+
+    def _assert_module(self, n: torch.fx.Node) -> str | None:
+        mod = module_path(n)
+        if mod:
+            return mod
+        for user_or_arg in [*n.all_input_nodes]:
+            m = module_path(user_or_arg)
+            if m:
+                return m
+        # the size check sits before the first module that reads the input
+        for m in self.nodes:
+            if m.op == "call_module":
+                return str(m.target).rsplit(".", 1)[0] or str(m.target)
+        return None
+
+    def _cure_for_guard(self, mod: str | None) -> str | None:
+        if self.is_timm:
+            return "timm: build the model with dynamic_img_size=True (or img_size=your size)."
+        return "Remove or relax the explicit size check if the layers after it accept other sizes."
+
+    def _structural(self, n: torch.fx.Node, condition: str, example_txt: str) -> RigidNode:
+        op = op_name(n, self.gm)
+        mod = module_path(n)
+        in_val = self.sym.values.get(n.args[0].name) if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        cure = None
+        if n.op == "call_module" and isinstance(self.gm.get_submodule(str(n.target)), (nn.Linear, nn.Conv1d)):
+            sub = self.gm.get_submodule(str(n.target))
+            width = sub.in_features if isinstance(sub, nn.Linear) else sub.in_channels
+            dim = _format_dim(_tensors(in_val)[0].shape[-1 if isinstance(sub, nn.Linear) else 1], self.symbols) \
+                if _tensors(in_val) else "?"
+            what = "Linear" if isinstance(sub, nn.Linear) else "Conv1d (tokens as channels)"
+            reason = (f"{what} over {width} tokens = {dim}: a fixed-size weight mixes along a spatial dim, so the "
+                      f"input must satisfy {condition} (e.g. {example_txt})")
+            cure = "None short of changing the architecture: token mixing over a fixed token count is what makes it fixed."
+        elif any(a.op == "get_attr" for a in n.all_input_nodes) and op in ("add", "aten.add", "mul", "aten.mul", "iadd"):
+            param = next(a for a in n.all_input_nodes if a.op == "get_attr")
+            p = self.gm.get_parameter(str(param.target)) if _has_param(self.gm, str(param.target)) else None
+            shape = list(p.shape) if p is not None else "?"
+            mod = str(param.target)
+            reason = (f"adds the fixed-size parameter `{param.target}` {shape} (a position embedding) to a "
+                      f"spatial tensor: requires {condition} (e.g. {example_txt})")
+            cure = ("Interpolate the position embedding to the token grid"
+                    + (" (timm: dynamic_img_size=True)." if self.is_timm else "."))
+        elif op in ("view", ".view()", ".reshape()", "reshape", "aten.view", "aten.reshape", "aten._unsafe_view"):
+            reason = f"reshape to hard-coded sizes: requires {condition} (e.g. {example_txt})"
+            cure = "Compute the target shape from x.shape instead of constants."
+        else:
+            reason = f"{op} only works when {condition} (e.g. {example_txt})"
+        return RigidNode(n.name, mod, op, "structural", reason, condition, cure)
+
+    def _constraints(self, meanings) -> list[GuardMeaning]:
+        out: dict[str, GuardMeaning] = {}
+        self.noise: list[str] = []
+        all_meanings = [ms for entries in meanings.values() for _, ms in entries]
+        all_meanings += [ms for _, ms in self.assert_meanings.values()]
+        for ms in all_meanings:
+            for m in ms:
+                if m.kind in ("always", "specialisation"):
+                    continue
+                out.setdefault(m.text, m)
+        # minimum sizes last, largest first: confirmation keeps the largest that holds per dim
+        rest = [m for m in out.values() if m.kind != "min_size"]
+        mins = sorted((m for m in out.values() if m.kind == "min_size"), key=lambda m: -(m.bound or 0))
+        return rest + mins
+
+    # -- concrete sizes -------------------------------------------------------------------------
+    def _other_sizes(self, constraints: list[GuardMeaning]) -> list[tuple[int, ...]]:
+        """Two sizes with H != W that satisfy the non-pinning constraints."""
+        if not self.dim_names:
+            return []
+        steps = {n: lcm([m.modulus for m in constraints if m.kind == "divisible" and n in m.symbols and m.modulus])
+                 for n in self.dim_names}
+        mins = {n: max([m.bound for m in constraints if m.kind == "min_size" and n in m.symbols and m.bound] or [1])
+                for n in self.dim_names}
+        sizes = []
+        for factors in ((1.25, 0.875, 1.125), (0.75, 1.125, 0.875)):
+            dims = []
+            for i, name in enumerate(self.dim_names):
+                f = factors[i % len(factors)]
+                step = max(steps[name], 1)
+                ex = self.example_sizes[name]
+                v = max(int(round(ex * f / step)) * step, mins[name], step)
+                if v == ex:
+                    v += step
+                dims.append(v)
+            if len(dims) >= 2 and dims[0] == dims[1]:
+                dims[1] += max(steps[self.dim_names[1]], 1)
+            sizes.append((*self.example[:2], *dims))
+        return sizes
+
+    # -- spatial dependence, head, global mixing ---------------------------------------------------
+    def _spatial_nodes(self, base: ConcreteRun, others: list[ConcreteRun]) -> dict[str, set[str]]:
+        """Per node, the input dims its output depends on (symbolic, else concrete comparison)."""
+        out: dict[str, set[str]] = {}
+        for n in self.nodes:
+            if n.name in self.sym.values:
+                out[n.name] = _depends(self.sym.values[n.name], self.symbols)
+            else:
+                dep = set()
+                for run in others:
+                    if n.name in run.shapes and _concrete_depends(base.shapes.get(n.name), run.shapes[n.name]):
+                        dep |= set(self.dim_names)
+                out[n.name] = dep
+        return out
+
+    def _node_spatial(self, n: torch.fx.Node | None, spatial: dict[str, set[str]]) -> set[str]:
+        if n is None:
+            return set()
+        if n.op == "output":
+            deps: set[str] = set()
+            for a in n.all_input_nodes:
+                deps |= spatial.get(a.name, set())
+            return deps
+        return spatial.get(n.name, set())
+
+    def _output_node(self) -> torch.fx.Node | None:
+        return next((n for n in reversed(self.nodes) if n.op == "output"), None)
+
+    def _head_nodes(self, spatial: dict[str, set[str]], rigid: set[str]) -> list[torch.fx.Node]:
+        """Nodes that end the spatial part: non-spatial output from a spatial input, with no spatial
+        node downstream (so squeeze-excite pooling, broadcast back onto the map, is not a head)."""
+        downstream_spatial: dict[str, bool] = {}
+        for n in reversed(self.nodes):
+            downstream_spatial[n.name] = any(
+                bool(spatial.get(u.name)) or downstream_spatial.get(u.name, False) for u in n.users)
+        heads = []
+        for n in self.nodes:
+            if n.op in ("placeholder", "output", "get_attr") or spatial.get(n.name) or n.name in rigid:
+                continue
+            if not _tensors(self.sym.values.get(n.name)) and n.name in self.sym.values:
+                continue  # sizes and other Python values are not the head
+            if any(spatial.get(a.name) and _tensors(self.sym.values.get(a.name, 1)) for a in n.all_input_nodes) \
+                    and not downstream_spatial[n.name]:
+                heads.append(n)
+        return heads
+
+    def _global_mixing(self, spatial: dict[str, set[str]], heads: list[torch.fx.Node]) -> list[GlobalMixing]:
+        activations = self._activation_nodes()
+        found = []
+        for n in self.nodes:
+            reason = self._mixing_reason(n, activations)
+            if reason:
+                found.append(GlobalMixing(n.name, module_path(n), op_name(n, self.gm), reason))
+        return found
+
+    def _activation_nodes(self) -> set[str]:
+        act: set[str] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a.name in act for a in n.all_input_nodes):
+                act.add(n.name)
+        return act
+
+    def _mixing_reason(self, n: torch.fx.Node, activations: set[str]) -> str | None:
+        target = n.target if n.op in ("call_function", "call_method") else None
+        name = op_name(n, self.gm)
+        vals = [self.sym.values.get(a.name) if isinstance(a, torch.fx.Node) else None for a in n.args]
+        tensors = [v for v in vals if isinstance(v, torch.Tensor)]
+        act_args = [a for a in n.args if isinstance(a, torch.fx.Node) and a.name in activations]
+        if (target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and len(tensors) >= 2 \
+                and len(act_args) >= 2:
+            a = tensors[0]
+            contracted = a.shape[-1]
+            deps = _dim_symbols(contracted, self.symbols)
+            if deps:
+                return (f"matmul of two activations contracts a dim of size {_format_dim(contracted, self.symbols)} "
+                        f"(depends on {', '.join(sorted(deps))}): every position mixes with every other (global attention)")
+        if "einsum" in name and len(act_args) >= 2:
+            eq = n.args[0] if isinstance(n.args[0], str) else None
+            ops = [v for v in vals if isinstance(v, torch.Tensor)]
+            if eq and "->" in eq:
+                lhs, rhs = eq.replace(" ", "").split("->")
+                for letters, t in zip(lhs.split(","), ops):
+                    for letter, size in zip(letters, t.shape):
+                        if letter not in rhs and _dim_symbols(size, self.symbols):
+                            return f"einsum contracts '{letter}' of size {_format_dim(size, self.symbols)} between activations"
+        if name in _SDPA_TARGETS or (target is not None and getattr(target, "__name__", "") == "scaled_dot_product_attention"):
+            if len(tensors) >= 2 and _dim_symbols(tensors[1].shape[-2], self.symbols):
+                return (f"attention over a sequence of {_format_dim(tensors[1].shape[-2], self.symbols)} positions "
+                        "(global attention)")
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(str(n.target))
+            if isinstance(mod, _SEQUENCE_MODULES) and tensors:
+                t = tensors[0]
+                batch_first = getattr(mod, "batch_first", False)
+                seq = t.shape[1] if batch_first else t.shape[0]
+                if _dim_symbols(seq, self.symbols):
+                    return f"{type(mod).__name__} runs along a sequence of {_format_dim(seq, self.symbols)} positions"
+        return None
+
+    # -- confirmation ---------------------------------------------------------------------------
+    def _confirm(self, rigid: list[RigidNode], base: ConcreteRun, others: list[ConcreteRun]):
+        checks = [self._check(base, True)]
+        disagreements = []
+        expect_ok = not rigid
+        for run in others:
+            check = self._check(run, expect_ok)
+            checks.append(check)
+            if check.agrees:
+                continue
+            size = "x".join(map(str, run.input_shape[2:]))
+            if expect_ok and run.failure is not None and run.failure.kind == "shape":
+                n = self.by_name.get(run.failure.node)
+                rigid.append(RigidNode(
+                    run.failure.node, module_path(n) if n is not None else None,
+                    op_name(n, self.gm) if n is not None else "?", "structural",
+                    f"fails at {size} although the symbolic run found no size constraint: {run.failure.error}",
+                    f"fails at {size}", None, source="concrete"))
+                disagreements.append(
+                    f"Symbolic analysis found no rigid node, but the concrete run at {size} fails at "
+                    f"`{run.failure.node}`; the concrete result wins.")
+            elif expect_ok and run.failed_asserts:
+                disagreements.append(f"The concrete run at {size} fails the size check(s) "
+                                     f"{', '.join(run.failed_asserts)} that the symbolic run could not read.")
+            elif expect_ok:
+                disagreements.append(f"The concrete run at {size} could not run: {run.failure.error if run.failure else '?'}")
+            else:
+                disagreements.append(
+                    f"Symbolic analysis found rigid node(s) {', '.join(r.node for r in rigid)}, yet the model runs at "
+                    f"{size}.")
+        if not expect_ok and others and all(c.ok and not c.failed_asserts for c in checks[1:]):
+            # every other size runs: the pinning guards were branches taken at the example size
+            # (e.g. `if new_size == old_size: return`), not requirements. The concrete answer wins.
+            for r in rigid:
+                self.notes.append(f"`{r.node}` ({r.module}) branches on {r.condition} at the example size, but the "
+                                  "model runs at other sizes: not rigid.")
+            rigid = []
+            for c in checks:
+                c.expected_ok = True
+        return checks, disagreements, rigid
+
+    def _check(self, run: ConcreteRun, expected: bool) -> ConcreteCheck:
+        n = self.by_name.get(run.failure.node) if run.failure else None
+        return ConcreteCheck(list(run.input_shape), run.ok, run.failure.node if run.failure else None,
+                             module_path(n) if n is not None else None, run.failure.error if run.failure else None,
+                             list(run.failed_asserts), expected)
+
+    def _confirm_constraints(self, constraints: list[GuardMeaning], fixed: bool) -> tuple[list[str], list[str]]:
+        """Keep a constraint only if a size that violates it (all else as in the example) fails."""
+        kept, dropped = [], []
+        min_done: set[str] = set()
+        for m in constraints:
+            if m.kind == "fixed":
+                continue  # reported with the rigid node
+            if m.kind == "min_size":
+                if m.symbols[0] in min_done:
+                    continue
+                if fixed:
+                    min_done.add(m.symbols[0])
+            if fixed or m.kind not in ("divisible", "min_size", "other", "max_size"):
+                kept.append(m.text)
+                continue
+            size = self._violating_size(m)
+            if size is None:
+                kept.append(m.text)
+                continue
+            run = propagate_concrete(self.gm, size)
+            if run.ok and not run.failed_asserts:
+                dropped.append(f"{m.text} (the model runs at {'x'.join(map(str, size[2:]))})")
+            else:
+                kept.append(m.text)
+                if m.kind == "min_size":
+                    min_done.add(m.symbols[0])
+        return list(dict.fromkeys(kept)), dropped
+
+    def _violating_size(self, m: GuardMeaning) -> tuple[int, ...] | None:
+        from mixfx.formulas import predicate
+
+        name = m.symbols[0]
+        i = self.dim_names.index(name)
+        ex = self.example_sizes[name]
+        if m.kind == "min_size" and m.bound:
+            v = m.bound - 1
+            if v < 1:
+                return None
+        elif m.kind == "divisible" and m.modulus:
+            v = ex + 1 if (ex + 1) % m.modulus else ex + 2
+        else:
+            return None
+        dims = list(self.example)
+        dims[2 + i] = v
+        return tuple(dims)
+
+    # -- outputs & node table ------------------------------------------------------------------
+    def _outputs(self) -> list[list[str]]:
+        out = self._output_node()
+        if out is None:
+            return []
+        value = out.args[0] if out.args else None
+        shapes = []
+        for t in _tensors(_map_nodes(value, self.sym.values)):
+            shapes.append([_format_dim(d, self.symbols) for d in t.shape])
+        return shapes
+
+    def _node_table(self, spatial, rigid, mixing, heads) -> list[NodeInfo]:
+        rigid_by = {r.node: r for r in rigid}
+        mixing_by = {m.node: m for m in mixing}
+        head_names = {h.name for h in heads}
+        table = []
+        for n in self.nodes:
+            if n.op == "output":
+                continue
+            value = self.sym.values.get(n.name)
+            if n.name in rigid_by:
+                status, detail = ("guarded" if rigid_by[n.name].kind == "guarded" else "rigid"), rigid_by[n.name].reason
+            elif n.name in mixing_by:
+                status, detail = "global_mixing", mixing_by[n.name].reason
+            elif n.name in head_names:
+                status, detail = "head", "ends the spatial part of the network"
+            elif self.sym.failure is not None and n.name == self.sym.failure.node:
+                status, detail = "unknown", self.sym.failure.error
+            elif n.name not in self.sym.values and n.op != "get_attr":
+                status, detail = "unknown", None
+            else:
+                status, detail = ("spatial" if spatial.get(n.name) else "static"), None
+            table.append(NodeInfo(n.name, op_name(n, self.gm), module_path(n), _format_shape(value, self.symbols),
+                                  status, sorted(spatial.get(n.name, set()), key=self.dim_names.index),
+                                  [a.name for a in n.all_input_nodes], detail))
+        return table
+
+
+def _has_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _map_nodes(value: Any, values: dict[str, Any]) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return values.get(value.name)
+    if isinstance(value, (tuple, list)):
+        return [_map_nodes(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_nodes(v, values) for k, v in value.items()}
+    return value
+
+
+def _summary(r: AnalysisReport) -> str:
+    if r.classification == "fixed":
+        first = r.rigid_nodes[0]
+        where = f"`{first.module or first.node}`"
+        return f"fixed-resolution: polymorphism breaks at {where} ({first.op}): {first.reason}."
+    if r.classification == "polymorphic":
+        m = r.global_mixing[0]
+        return (f"shape-polymorphic but not convolutional: global mixing at `{m.module or m.node}` ({m.op}): "
+                f"{m.reason}.")
+    kind = "fully convolutional (the output is spatial)" if r.fully_convolutional else "truly convolutional"
+    head = f" up to the head `{r.head.module or r.head.node}` ({r.head.op})" if r.head else ""
+    return f"{kind}: every tensor keeps varying with the input size{head}."
+
+
+# ----------------------------------------------------------------------------- public entry point
+def analyze(
+    model: nn.Module | TraceResult,
+    example_input: torch.Tensor | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    leaves: Sequence[Leaf] = (),
+    name: str | None = None,
+) -> AnalysisReport:
+    """Analyse `model` at `example_input` (or a random input of `input_shape`, default
+    1x3x224x224). Works on models built on the meta device: no forward computation is done.
+
+    Raises `InputSpecError` if the model fails on its own example input and `TraceError` if it
+    cannot be traced."""
+    t_start = time.perf_counter()
+    if example_input is None:
+        shape = tuple(input_shape) if input_shape else (1, 3, 224, 224)
+        example_input = torch.empty(shape, device="meta")
+    if example_input.dim() < 3:
+        raise InputSpecError(
+            f"mixfx analyses image-like inputs [batch, channels, *spatial]; the example input has shape "
+            f"{list(example_input.shape)} (rank {example_input.dim()}), so it has no spatial dims to vary.",
+            "Pass --input with a batch, a channel and at least one spatial dim, e.g. --input 1x3x224x224.")
+    t0 = time.perf_counter()
+    if isinstance(model, TraceResult):
+        traced = model
+    elif isinstance(model, torch.fx.GraphModule):
+        traced = TraceResult(model, "given")
+    else:
+        traced = trace(model, example_input, leaves=leaves)
+    trace_s = time.perf_counter() - t0
+    root = model.graph_module if isinstance(model, TraceResult) else model
+    is_timm = type(root).__module__.startswith("timm.") or any(
+        type(m).__module__.startswith("timm.") for m in list(root.modules())[:50])
+    analyser = _Analyser(traced.graph_module, tuple(example_input.shape), name or type(root).__name__,
+                         traced.tracer, is_timm)
+    analyser.notes.extend(f"Tracer fallback: {a}" for a in traced.attempts)
+    report = analyser.run()
+    report.timings = {"trace_s": trace_s, **analyser.timings, "total_s": time.perf_counter() - t_start}
+    return report

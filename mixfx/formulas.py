@@ -1,0 +1,243 @@
+"""Symbolic sizes and guards, written in the user's terms (H, W), and what a guard *means*.
+
+torch's ShapeEnv speaks in `s36`, `FloorDiv` and `Eq(Mod(...))`. Users want `ceil(H/32)` and
+`H % 16 == 0`. Rather than pattern-match every guard spelling, a guard is turned into a Python
+predicate and *evaluated* on a window of sizes around the example: a guard true for all sizes is
+noise, one true on a bounded interval pins the size (rigidity), one true on a periodic set is a
+divisibility constraint, one true from some size up is a minimum size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from typing import Callable, Mapping
+
+import sympy
+from torch.utils._sympy.functions import FloorDiv
+from torch.utils._sympy.printers import PythonPrinter
+
+_PRINTER = PythonPrinter()
+
+
+def free_input_symbols(expr, symbols: Mapping[str, sympy.Symbol]) -> set[str]:
+    free = getattr(expr, "free_symbols", set())
+    return {name for name, sym in symbols.items() if sym in free}
+
+
+def _int(e) -> int | None:
+    return int(e) if isinstance(e, sympy.Integer) or (hasattr(e, "is_Integer") and e.is_Integer) else None
+
+
+def format_expr(expr, symbols: Mapping[str, sympy.Symbol]) -> str:
+    """A size expression as the user reads it: `ceil(H/32)`, `H//16`, `(H//16)*(W//16) + 1`."""
+    if isinstance(expr, int):
+        return str(expr)
+    expr = sympy.sympify(expr)
+    names = {sym: sympy.Symbol(name, integer=True, positive=True) for name, sym in symbols.items()}
+    return _fmt(expr.xreplace(names))
+
+
+def _split_const(expr) -> tuple[sympy.Expr, int]:
+    """expr = rest + c with c an integer constant."""
+    if isinstance(expr, sympy.Add):
+        const = sum((_int(a) for a in expr.args if _int(a) is not None), 0)
+        rest = sympy.Add(*[a for a in expr.args if _int(a) is None])
+        return rest, const
+    return expr, 0
+
+
+def _fmt(e) -> str:
+    if _int(e) is not None:
+        return str(_int(e))
+    if isinstance(e, sympy.Symbol):
+        return e.name
+    if isinstance(e, sympy.Add):
+        # floor((X + a)/k) + b  ==  floor((X + a + b*k)/k): print as X//k or ceil(X/k)
+        floors = [a for a in e.args if isinstance(a, FloorDiv)]
+        rest, const = _split_const(e)
+        if len(floors) == 1 and rest == floors[0] and _int(floors[0].args[1]) is not None:
+            x, k = floors[0].args
+            k = _int(k)
+            inner, a = _split_const(x)
+            total = a + const * k
+            if total == 0:
+                return f"{_atom(inner)}//{k}"
+            if total == k - 1:
+                return f"ceil({_fmt(inner)}/{k})"
+        terms = [_fmt(a) for a in e.args if _int(a) is None]
+        out = " + ".join(terms)
+        if const:
+            out += f" + {const}" if const > 0 else f" - {-const}"
+        return out
+    if isinstance(e, sympy.Mul):
+        coeff = [a for a in e.args if _int(a) is not None]
+        others = [f"({_fmt(a)})" if isinstance(a, FloorDiv) else _atom(a) for a in e.args if _int(a) is None]
+        return "*".join([str(_int(c)) for c in coeff] + others)
+    if isinstance(e, FloorDiv):
+        return f"{_atom(e.args[0])}//{_atom(e.args[1])}"
+    if isinstance(e, sympy.Max):
+        return "max(" + ", ".join(_fmt(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Min):
+        return "min(" + ", ".join(_fmt(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Pow) and _int(e.args[1]) is not None:
+        return f"{_atom(e.args[0])}**{_int(e.args[1])}"
+    return _PRINTER.doprint(e)
+
+
+def _atom(e) -> str:
+    s = _fmt(e)
+    if isinstance(e, (sympy.Symbol, FloorDiv)) or _int(e) is not None or s.startswith(("ceil(", "max(", "min(")):
+        return s
+    return f"({s})"
+
+
+def format_relation(expr, symbols: Mapping[str, sympy.Symbol]) -> str:
+    """A guard (Eq/Ne/inequality) in user terms: `(H//16)*(W//16) == 196`."""
+    ops = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Ge: ">=", sympy.Gt: ">", sympy.Le: "<=", sympy.Lt: "<"}
+    for cls, op in ops.items():
+        if isinstance(expr, cls):
+            return f"{format_expr(expr.args[0], symbols)} {op} {format_expr(expr.args[1], symbols)}"
+    return format_expr(expr, symbols)
+
+
+def predicate(expr, symbols: Mapping[str, sympy.Symbol]) -> Callable[..., bool]:
+    """Compile a guard over the input symbols into a fast Python predicate f(**{name: int})."""
+    names = list(symbols)
+    src = _PRINTER.doprint(expr)
+    for name, sym in symbols.items():
+        src = src.replace(str(sym), f"__{name}")
+    code = compile(src, "<guard>", "eval")
+    env = {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil}
+
+    def f(**sizes: int) -> bool:
+        scope = {f"__{n}": sizes[n] for n in names}
+        try:
+            return bool(eval(code, env, scope))  # noqa: S307 - our own printed sympy expression
+        except (ZeroDivisionError, ValueError, TypeError, NameError):
+            return False
+
+    return f
+
+
+@dataclass
+class GuardMeaning:
+    """What a guard demands of the input sizes.
+
+    kind: "always" (noise), "fixed" (true on a bounded set: pins the size), "divisible",
+    "min_size", "max_size", "equal" (H == W) or "other"; `text` is the readable constraint."""
+
+    kind: str
+    text: str
+    symbols: tuple[str, ...]
+    modulus: int | None = None
+    bound: int | None = None
+
+
+WINDOW = 96  # sizes 1 .. example+WINDOW are sampled per dim
+
+
+def _period(values: list[bool]) -> int | None:
+    n = len(values)
+    for k in range(2, n // 3):
+        if all(values[i] == values[i + k] for i in range(n - k)):
+            return k
+    return None
+
+
+def is_specialisation_noise(expr) -> bool:
+    """0/1 specialisation guards (`Ne(x, 1)`, `x > 1`, `x >= 2`, `Ne(Mod(1, x), 0)`): the fake
+    kernels assume no dim is 1; they say nothing about which sizes the model accepts."""
+    if isinstance(expr, (sympy.Ne, sympy.Gt, sympy.Ge)) and len(expr.args) == 2:
+        rhs = _int(expr.args[1])
+        if isinstance(expr, sympy.Ne):  # a branch decision (contiguity, no-op view), never a requirement
+            return True
+        if isinstance(expr, sympy.Gt) and rhs in (0, 1):
+            return True
+        if isinstance(expr, sympy.Ge) and rhs in (1, 2):
+            return True
+    return False
+
+
+def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str, int]) -> list[GuardMeaning]:
+    """Classify a guard by evaluating it on sizes 1..example+WINDOW (see module docstring).
+    A guard over H and W that is a conjunction of one condition per dim is split in two."""
+    used = tuple(sorted(free_input_symbols(expr, symbols), key=list(symbols).index))
+    rel = format_relation(expr, symbols)
+    if not used:
+        return [GuardMeaning("always", rel, used)]
+    if is_specialisation_noise(expr):
+        return [GuardMeaning("specialisation", rel, used)]
+    if isinstance(expr, sympy.Eq) and len(used) == 2 and _is_symbol_pair(expr, symbols):
+        return [GuardMeaning("equal", rel, used)]
+    f = predicate(expr, symbols)
+    base = {n: example[n] for n in symbols}
+    slices: dict[str, tuple[list[int], list[bool]]] = {}
+    for name in used:
+        xs = list(range(1, example[name] + WINDOW + 1))
+        slices[name] = (xs, [f(**{**base, name: x}) for x in xs])
+    if len(used) == 1:
+        return [_characterise_1d(used[0], *slices[used[0]], rel)]
+    if any(_bounded(vals) for _, vals in slices.values()):
+        return [GuardMeaning("fixed", rel, used)]
+    if not _separable(f, used, base, slices):
+        return [GuardMeaning("other", rel, used)]
+    out = [_characterise_1d(name, *slices[name], rel) for name in used]
+    real = [m for m in out if m.kind != "always"]
+    return real or [GuardMeaning("always", rel, used)]
+
+
+def _bounded(vals: list[bool]) -> bool:
+    return any(vals) and not vals[-1] and _period(vals) is None
+
+
+def _separable(f, used, base, slices) -> bool:
+    """f(a, b) == f(a, b0) and f(a0, b) on a grid mixing true and false points of each slice."""
+    picks = {}
+    for name in used:
+        xs, vals = slices[name]
+        true_xs = [x for x, v in zip(xs, vals) if v][-4:]
+        false_xs = [x for x, v in zip(xs, vals) if not v][-4:]
+        picks[name] = true_xs + false_xs
+    a, b = used[0], used[1]
+    fa = dict(zip(*slices[a]))
+    fb = dict(zip(*slices[b]))
+    for x in picks[a]:
+        for y in picks[b]:
+            if f(**{**base, a: x, b: y}) != (fa[x] and fb[y]):
+                return False
+    return True
+
+
+def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> GuardMeaning:
+    if all(vals):
+        return GuardMeaning("always", rel, (name,))
+    k = _period(vals)
+    if k is not None:
+        residues = sorted({x % k for x, v in zip(xs, vals) if v})
+        if residues == [0]:
+            return GuardMeaning("divisible", f"{name} % {k} == 0", (name,), modulus=k)
+        q = len(residues)
+        if residues == list(range(q)) and k % q == 0:
+            return GuardMeaning("divisible", f"({name}//{q}) % {k // q} == 0", (name,), modulus=k)
+        return GuardMeaning("other", rel, (name,), modulus=k)
+    if not any(vals):
+        return GuardMeaning("other", rel, (name,))
+    if vals[-1]:
+        first = next(x for x, v in zip(xs, vals) if v)
+        if all(vals[xs.index(first):]):
+            return GuardMeaning("min_size", f"{name} >= {first}", (name,), bound=first)
+        return GuardMeaning("other", rel, (name,))
+    true_xs = [x for x, v in zip(xs, vals) if v]
+    if vals[0] and all(vals[: xs.index(true_xs[-1]) + 1]):
+        return GuardMeaning("max_size", f"{name} <= {true_xs[-1]}", (name,), bound=true_xs[-1])
+    return GuardMeaning("fixed", rel, (name,))
+
+
+def _is_symbol_pair(expr, symbols) -> bool:
+    syms = set(symbols.values())
+    return all(a in syms for a in expr.args)
+
+
+def lcm(values) -> int:
+    return reduce(lambda a, b: a * b // math.gcd(a, b), values, 1)

@@ -1,0 +1,286 @@
+"""Model specs -> (nn.Module, example input).
+
+Accepted specs (see README "Model specs"):
+- `path/to/model.py`: the model is `--entry NAME` if given, else the first of `build_model()`,
+  `create_model()`, `get_model()`, `model` (an instance) that the file defines, else the only
+  nn.Module instance or zero-argument nn.Module subclass defined in the file. The example input is
+  `example_inputs()` (a tensor or a tuple of tensors) or `INPUT_SHAPE = (1, 3, 224, 224)`.
+- `path/to/model.pt`: a pickled nn.Module. Loaded with `weights_only=True` unless `trust=True`,
+  because unpickling a full module can run arbitrary code.
+- `package.module:attr`: an importable factory (called with no arguments) or module instance.
+- `timm:NAME` / `torchvision:NAME` (random weights, nothing downloaded); timm keyword arguments
+  may follow `?`: `timm:vit_tiny_patch16_224?dynamic_img_size=True`.
+`--input 1x3x256x320` (`input_shape`) overrides any declared input; otherwise timm's
+`pretrained_cfg["input_size"]`, else 1x3x224x224.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from mixfx.errors import InputSpecError, ModelLoadError, UsageError
+
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+ENTRY_POINTS = ("build_model", "create_model", "get_model", "model")
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    example_input: torch.Tensor
+    name: str
+    spec: str
+    source_path: str | None = None  # the user's file, never to be overwritten
+    input_from: str = "default"  # where the example input shape came from
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.example_input.shape)
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' (or '1,3,224,224') -> (1, 3, 224, 224)."""
+    parts = text.lower().replace(",", "x").replace(" ", "").split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p != "")
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input {text!r} is not a shape.", "Write it as sizes joined by 'x', e.g. --input 1x3x224x224.")
+    return shape
+
+
+def random_input(shape: Sequence[int], device: str | torch.device = "cpu", seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(shape), generator=gen)
+    return x.to(device) if str(device) != "cpu" else x
+
+
+def load_model(
+    spec: str,
+    *,
+    entry: str | None = None,
+    input_shape: Sequence[int] | str | None = None,
+    trust: bool = False,
+    meta: bool = False,
+) -> LoadedModel:
+    """Resolve `spec` to a model in eval mode and its example input (see module docstring).
+
+    `meta=True` builds the model on the meta device (no weight memory; enough for analysis)."""
+    if isinstance(input_shape, str):
+        input_shape = parse_input_shape(input_shape)
+    build_ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    declared: tuple[int, ...] | None = None
+    declared_from = "default"
+    source_path = None
+    if spec.startswith(("timm:", "torchvision:")):
+        module, declared, name = _load_hub(spec, build_ctx)
+        declared_from = spec.split(":", 1)[0] + " config" if declared else "default"
+    elif spec.endswith((".pt", ".pth")):
+        source_path = str(Path(spec).resolve())
+        module, name = _load_pickle(spec, trust), Path(spec).stem
+    elif spec.endswith(".py") or os.sep in spec or Path(spec).exists():
+        source_path = str(Path(spec).resolve())
+        module, declared, declared_from, name = _load_file(spec, entry, build_ctx)
+    elif ":" in spec:
+        module, name = _load_import(spec, build_ctx), spec
+    else:
+        raise ModelLoadError(
+            f"Cannot tell what kind of model spec {spec!r} is.",
+            "Pass a .py file that defines the model, a .pt file, `package.module:attr`, `timm:NAME` or `torchvision:NAME`.",
+        )
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(
+            f"{spec!r} gave a {type(module).__name__}, not a torch.nn.Module.",
+            "Point the spec (or --entry) at an nn.Module instance or a function that returns one.",
+        )
+    module.eval()
+    shape = tuple(input_shape) if input_shape else (declared or DEFAULT_INPUT_SHAPE)
+    input_from = "--input" if input_shape else declared_from
+    device = "meta" if meta else "cpu"
+    return LoadedModel(module, random_input(shape, device), name, spec, source_path, input_from)
+
+
+def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, str]:
+    lib, rest = spec.split(":", 1)
+    name, _, query = rest.partition("?")
+    kwargs = dict(_parse_kwarg(kv) for kv in query.split("&") if kv)
+    try:
+        package = importlib.import_module(lib)
+        if lib == "torchvision":
+            importlib.import_module("torchvision.models")
+    except ImportError as exc:
+        raise ModelLoadError(f"{spec!r} needs the {lib} package, which is not installed ({exc}).",
+                             f"Install it (pip install 'mixfx[timm]' brings timm and torchvision).") from exc
+    declared = None
+    try:
+        with build_ctx:
+            if lib == "timm":
+                model = package.create_model(name, pretrained=False, **kwargs)
+                cfg = getattr(model, "pretrained_cfg", None) or {}
+                if cfg.get("input_size"):
+                    declared = (1, *cfg["input_size"])
+            else:
+                model = package.models.get_model(name, weights=None, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{lib} could not build {name!r}: {type(exc).__name__}: {exc}.",
+                             f"Check the name against {lib}'s model list.") from exc
+    return model, declared, name
+
+
+def _parse_kwarg(kv: str) -> tuple[str, Any]:
+    key, _, value = kv.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _load_pickle(path: str, trust: bool) -> nn.Module:
+    if not Path(path).is_file():
+        raise ModelLoadError(f"No such file: {path}.", "Check the path.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not trust and "weights_only" in str(exc):
+            raise ModelLoadError(
+                f"{path} holds a pickled module, which is not loaded by default: unpickling can run arbitrary code.",
+                "If you trust this file, pass --trust.") from exc
+        raise ModelLoadError(f"{path} could not be loaded: {text}.",
+                             "Is it a file written by torch.save? It may be truncated or corrupted.") from exc
+    if isinstance(obj, dict):
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__} (a state_dict?), not an nn.Module.",
+                             "mixfx needs the model itself: point it at the .py file that builds the model.")
+    return obj
+
+
+def _import_file(path: Path):
+    name = f"_mixfx_model_{path.stem}_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"{path} cannot be imported as Python.", "Pass a .py file.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    sys.path.insert(0, str(path.parent))  # let the file import its siblings
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise ModelLoadError(f"{path} has a syntax error at line {exc.lineno}: {exc.msg}.",
+                             "Fix the file and try again.") from exc
+    except ImportError as exc:
+        raise ModelLoadError(f"{path} failed to import: {type(exc).__name__}: {exc}.",
+                             "Install the missing package or fix the import.") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path} raised {type(exc).__name__} while being imported: {exc}.",
+                             "Run it with python to see where; use --debug for the traceback.") from exc
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(path.parent))
+    return module
+
+
+def _load_file(spec: str, entry: str | None, build_ctx):
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelLoadError(f"No such file: {spec}.", "Pass the path of a .py file that defines the model.")
+    module = _import_file(path)
+    if entry is not None:
+        if not hasattr(module, entry):
+            raise ModelLoadError(f"{spec} has no attribute {entry!r} (given with --entry).",
+                                 f"Candidates: {', '.join(_candidates(module)) or 'none'}.")
+        obj = getattr(module, entry)
+        name = entry
+    else:
+        found = [n for n in ENTRY_POINTS if hasattr(module, n)]
+        if found:
+            name = found[0]
+        else:
+            cands = _candidates(module)
+            if len(cands) != 1:
+                what = "no model" if not cands else f"several candidate models ({', '.join(cands)})"
+                raise ModelLoadError(
+                    f"{spec} defines {what}.",
+                    "Define build_model() (or create_model(), or a module-level `model`), or pick one with --entry NAME.")
+            name = cands[0]
+        obj = getattr(module, name)
+    model = _instantiate(obj, f"{spec}:{name}", build_ctx)
+    declared, declared_from = _declared_input(module, spec)
+    return model, declared, declared_from, f"{path.stem}:{name}"
+
+
+def _candidates(module) -> list[str]:
+    out = []
+    for key, value in vars(module).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, nn.Module):
+            out.append(key)
+        elif (inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__
+              and _no_required_args(value)):
+            out.append(key)
+    return out
+
+
+def _no_required_args(cls) -> bool:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
+
+
+def _instantiate(obj: Any, where: str, build_ctx) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        try:
+            with build_ctx:
+                return obj()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{where}() raised {type(exc).__name__}: {exc}.",
+                                 "Fix the factory (it is called with no arguments); --debug shows the traceback.") from exc
+    return obj  # the caller reports "not an nn.Module"
+
+
+def _declared_input(module, spec: str) -> tuple[tuple[int, ...] | None, str]:
+    if hasattr(module, "example_inputs"):
+        try:
+            value = module.example_inputs()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{spec}: example_inputs() raised {type(exc).__name__}: {exc}.", "Fix it or pass --input.") from exc
+        if isinstance(value, (tuple, list)):
+            if len(value) != 1:
+                raise InputSpecError(
+                    f"{spec}: example_inputs() returns {len(value)} inputs; mixfx analyses models with one image-like input.",
+                    "Wrap the model so that it takes one tensor, or pass --input.")
+            value = value[0]
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), "example_inputs()"
+    for attr in ("INPUT_SHAPE", "input_shape"):
+        if hasattr(module, attr):
+            return tuple(int(d) for d in getattr(module, attr)), attr
+    return None, "default"
+
+
+def _load_import(spec: str, build_ctx) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"Cannot import {mod_name!r}: {exc}.", "Check the module name and that it is on PYTHONPATH.") from exc
+    if not hasattr(module, attr):
+        raise ModelLoadError(f"Module {mod_name!r} has no attribute {attr!r}.", "Check the name after ':'.")
+    return _instantiate(getattr(module, attr), spec, build_ctx)

@@ -1,0 +1,212 @@
+"""Turning an nn.Module into a torch.fx graph.
+
+Two tracers, tried in order:
+1. `torch.fx` symbolic tracing (module level: `call_module` Linear/Conv nodes, which the rewrite
+   passes need), with leaf modules and autowrapped functions: the user's `--leaf` names, and
+   timm's own FX lists when timm is importable (they turn 85% -> 99.8% of timm models traceable).
+2. Non-strict `torch.export` with `Dim.AUTO` sizes, for models with Python control flow on shapes.
+   Its aten-level graph keeps `nn_module_stack`, so nodes are still attributed to module paths;
+   shape branches are taken at the example size (recorded as guards).
+
+A traced graph is not always a correct one (timm's levit/hiera caches), so the fx graph is run once
+against the eager model on meta tensors and rejected when they disagree.
+"""
+from __future__ import annotations
+
+import linecache
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from mixfx.errors import TraceError
+
+Leaf = str | type
+
+
+@dataclass
+class TraceResult:
+    """A traced model. `tracer` is "fx" (module-level graph) or "export" (aten-level graph)."""
+
+    graph_module: torch.fx.GraphModule
+    tracer: str
+    attempts: list[str] = field(default_factory=list)  # why earlier tracers were not used
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+
+def _timm_fx_lists() -> tuple[set[type], set[Callable]]:
+    try:
+        from timm.layers import _fx as timm_fx  # type: ignore[import-not-found]
+    except Exception:  # timm missing or too old: no extra lists
+        return set(), set()
+    return set(getattr(timm_fx, "_leaf_modules", ())), set(getattr(timm_fx, "_autowrap_functions", ()))
+
+
+class MixfxTracer(torch.fx.Tracer):
+    """fx Tracer with extra leaf modules, given as types, class names or module paths."""
+
+    def __init__(self, leaves: Sequence[Leaf] = (), autowrap: Sequence[Callable] = (), use_timm: bool = True):
+        timm_leaves, timm_autowrap = _timm_fx_lists() if use_timm else (set(), set())
+        super().__init__(autowrap_functions=tuple(set(autowrap) | timm_autowrap))
+        self.leaf_types = {leaf for leaf in leaves if isinstance(leaf, type)} | timm_leaves
+        self.leaf_names = {leaf for leaf in leaves if isinstance(leaf, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in self.leaf_types or type(m).__name__ in self.leaf_names:
+            return True
+        if module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def fx_trace(
+    model: nn.Module,
+    *,
+    leaves: Sequence[Leaf] = (),
+    autowrap: Sequence[Callable] = (),
+    use_timm: bool = True,
+) -> torch.fx.GraphModule:
+    """Module-level torch.fx trace. Raises `TraceError` naming the offending source line."""
+    tracer = MixfxTracer(leaves, autowrap, use_timm)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TraceError
+        raise TraceError(*_explain_trace_failure(exc, model)) from exc
+    name = type(model).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _explain_trace_failure(exc: BaseException, model: nn.Module) -> tuple[str, str]:
+    """Message + hint: the user's source line that failed and which module to make a leaf."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    user = [f for f in frames if not f.filename.startswith(torch_dir) and "mixfx/" not in f.filename]
+    where, leaf = "", None
+    if user:
+        f = user[-1]
+        line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+        where = f" at {f.filename}:{f.lineno} (`{line}`) in {f.name}()"
+        leaf = _module_class_defined_at(model, f.filename, f.lineno)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = f"torch.fx could not trace {type(model).__name__}{where}: {first}."
+    if "control flow" in first or "iterate" in first or "bool" in first.lower():
+        hint = "Python control flow on tensor values or shapes cannot be traced symbolically."
+    else:
+        hint = "This code cannot be traced symbolically."
+    hint += (f" Try `--leaf {leaf}` to treat that module as one opaque node" if leaf else
+             " Try `--leaf ClassName` for the module that contains it")
+    hint += ", or wrap the function with torch.fx.wrap."
+    return message, hint
+
+
+def _module_class_defined_at(model: nn.Module, filename: str, lineno: int) -> str | None:
+    """The nn.Module subclass (in `model`) whose source contains filename:lineno, if any."""
+    import inspect
+
+    best = None
+    for m in model.modules():
+        cls = type(m)
+        try:
+            src_file = inspect.getsourcefile(cls)
+            lines, start = inspect.getsourcelines(cls)
+        except (OSError, TypeError):
+            continue
+        if src_file and src_file == filename and start <= lineno < start + len(lines):
+            best = cls.__name__
+    return best
+
+
+def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
+    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd)."""
+    from torch.export import Dim
+
+    dims = {d: Dim.AUTO for d in range(2, example_input.dim())}
+    try:
+        program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__} either: {first}.",
+            "Run with --debug for the full trace; marking the failing module with --leaf may help.",
+        ) from exc
+    return program.module()
+
+
+def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> str | None:
+    """None when the traced graph gives the same output shapes as the eager model (on meta
+    tensors: no compute, no weight memory), else the reason it does not."""
+    from mixfx.shapes import flatten_outputs, meta_weights
+
+    x = torch.empty(example_input.shape, dtype=example_input.dtype, device="meta")
+    try:
+        with meta_weights(gm):
+            got = gm(x)
+    except Exception as exc:  # noqa: BLE001
+        return f"the fx graph fails to run: {type(exc).__name__}: {exc}"
+    try:
+        with meta_weights(model):
+            want = model(x)
+    except Exception:  # noqa: BLE001 - an eager failure is reported later by the analysis
+        return None
+    got_shapes = [tuple(t.shape) for t in flatten_outputs(got)]
+    want_shapes = [tuple(t.shape) for t in flatten_outputs(want)]
+    if got_shapes != want_shapes:
+        return f"the fx graph's outputs {got_shapes} differ from the eager model's {want_shapes}"
+    return None
+
+
+def trace(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    *,
+    leaves: Sequence[Leaf] = (),
+    autowrap: Sequence[Callable] = (),
+    allow_export: bool = True,
+    check: bool = True,
+) -> TraceResult:
+    """Trace `model` with torch.fx, falling back to non-strict torch.export (needs `example_input`).
+
+    `check=True` runs the fx graph against the eager model once (fake tensors) and falls back
+    when they disagree."""
+    attempts: list[str] = []
+    fx_error: TraceError | None = None
+    try:
+        gm = fx_trace(model, leaves=leaves, autowrap=autowrap)
+        problem = _graph_agrees_with_eager(gm, model, example_input) if (check and example_input is not None) else None
+        if problem is None:
+            return TraceResult(gm, "fx", attempts)
+        attempts.append(f"fx: {problem}")
+    except TraceError as exc:
+        fx_error = exc
+        attempts.append(f"fx: {exc.message}")
+    if not allow_export or example_input is None:
+        if fx_error is not None:
+            raise fx_error
+        raise TraceError(f"torch.fx traced {type(model).__name__} but the graph is wrong: {attempts[-1]}.",
+                         "Try --leaf for the module involved.")
+    try:
+        gm = export_trace(model, example_input)
+    except TraceError as exc:
+        if fx_error is not None:
+            raise TraceError(fx_error.message + f" The torch.export fallback failed too ({exc.message.rstrip('.')}).",
+                             fx_error.hint) from exc
+        raise
+    return TraceResult(gm, "export", attempts)
+
+
+_ASSERT_NAMES = re.compile(r"^_?assert")
+
+
+def is_assert_target(target: Any) -> bool:
+    """An explicit check node: torch._assert, torch._check*, aten._assert_*, timm's `_assert`."""
+    name = getattr(target, "__name__", None) or str(target)
+    if name.startswith("aten."):
+        name = name[5:]
+    return bool(_ASSERT_NAMES.match(name)) or name.startswith("_check") or name.startswith("_assert")
