@@ -1,0 +1,234 @@
+"""Graph helpers shared by the Linear/conv and layout passes.
+
+Passes need tensor shapes (which dim is the channel dim, what rank a Linear sees). They get them
+by running the graph once on the example input recorded on the placeholders
+(`annotate_example_inputs`), so a pass can be called on its own with only a GraphModule.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx import GraphModule, Node
+
+EXAMPLE_KEY = "mixfx_example"
+
+
+def annotate_example_inputs(gm: GraphModule, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """Record the example input(s) on the placeholders (`node.meta['mixfx_example']`)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        node.meta[EXAMPLE_KEY] = value
+
+
+def clear_example_inputs(gm: GraphModule) -> None:
+    for node in gm.graph.nodes:
+        node.meta.pop(EXAMPLE_KEY, None)
+
+
+def example_inputs_of(gm: GraphModule) -> list[Any] | None:
+    values = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if EXAMPLE_KEY in node.meta:
+            values.append(node.meta[EXAMPLE_KEY])
+        elif node.args:  # a default value
+            values.append(node.args[0])
+        else:
+            return None
+    return values
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[Node, torch.Size] = {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = result.shape
+        return result
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = None) -> dict[Node, torch.Size]:
+    """Shape of every tensor-valued node, by running the graph on the example input (no grad).
+
+    A concrete run rather than FakeTensorProp: it is several times faster on CPU for the sizes
+    passes meet, and passes only need the sizes at one input size."""
+    inputs = list(example_inputs) if example_inputs is not None else example_inputs_of(gm)
+    if inputs is None:
+        raise ValueError(
+            "this pass needs shapes: record an example input first with "
+            "passes._fxutil.annotate_example_inputs(gm, x), or give example_inputs= to the pass")
+    rec = _ShapeRecorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.shapes
+
+
+# --- permutations -----------------------------------------------------------------------------
+
+_PERMUTE_FNS = {torch.permute}
+_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims}
+
+
+def permutation_of(node: Node, shapes: dict[Node, torch.Size]) -> tuple[int, ...] | None:
+    """The permutation `p` if `node` computes `x.permute(p)` (permute, transpose, swapaxes), else None."""
+    if node.op not in ("call_method", "call_function") or not node.args:
+        return None
+    x = node.args[0]
+    if not isinstance(x, Node) or x not in shapes:
+        return None
+    rank = len(shapes[x])
+    target = node.target
+    is_permute = (node.op == "call_method" and target == "permute") or (node.op == "call_function" and target in _PERMUTE_FNS)
+    is_transpose = (node.op == "call_method" and target in ("transpose", "swapaxes", "swapdims")) or (
+        node.op == "call_function" and target in _TRANSPOSE_FNS)
+    try:
+        if is_permute:
+            dims = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = tuple(dims[0])
+            if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+                return None
+            perm = tuple(d % rank for d in dims)
+            return perm if sorted(perm) == list(range(rank)) else None
+        if is_transpose:
+            ab = list(node.args[1:3])
+            ab += [node.kwargs.get("dim0"), node.kwargs.get("dim1")][len(ab):]
+            a, b = ab
+            if not isinstance(a, int) or not isinstance(b, int):
+                return None
+            perm = list(range(rank))
+            a, b = a % rank, b % rank
+            perm[a], perm[b] = perm[b], perm[a]
+            return tuple(perm)
+    except (TypeError, ZeroDivisionError):
+        return None
+    return None
+
+
+def compose(p: Sequence[int], q: Sequence[int]) -> tuple[int, ...]:
+    """`x.permute(p).permute(q) == x.permute(compose(p, q))`."""
+    return tuple(p[i] for i in q)
+
+
+def inverse(p: Sequence[int]) -> tuple[int, ...]:
+    inv = [0] * len(p)
+    for i, d in enumerate(p):
+        inv[d] = i
+    return tuple(inv)
+
+
+def is_identity(p: Sequence[int]) -> bool:
+    return all(i == d for i, d in enumerate(p))
+
+
+def permute_shape(shape: Sequence[int], p: Sequence[int]) -> torch.Size:
+    return torch.Size(shape[d] for d in p)
+
+
+# --- modules ----------------------------------------------------------------------------------
+
+def module_of(gm: GraphModule, node: Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def call_count(gm: GraphModule, target: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def set_module(gm: GraphModule, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (replacing whatever is there), creating parents as needed."""
+    parent_path, _, name = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    if name in parent._modules:
+        parent._modules[name] = module
+    else:
+        gm.add_submodule(path, module)
+
+
+def fresh_path(gm: GraphModule, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ... whichever does not name an attribute yet."""
+    def taken(path: str) -> bool:
+        try:
+            gm.get_submodule(path)
+            return True
+        except AttributeError:
+            pass
+        owner, _, attr = path.rpartition(".")
+        try:
+            return hasattr(gm.get_submodule(owner) if owner else gm, attr)
+        except AttributeError:
+            return False
+
+    path, i = base, 0
+    while taken(path):
+        i += 1
+        path = f"{base}_{i}"
+    return path
+
+
+def fetch_attr(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def prune_unused(gm: GraphModule) -> None:
+    """Drop submodules, parameters and buffers no node uses any more (after a replacement)."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+    def in_called(path: str) -> bool:
+        return any(path == c or path.startswith(c + ".") for c in called)
+
+    for kind in ("parameters", "buffers"):
+        for path, _ in list(getattr(gm, f"named_{kind}")(remove_duplicate=False)):
+            if path in used or in_called(path):
+                continue
+            if any(path.startswith(u + ".") for u in used):
+                continue
+            owner, _, name = path.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            store = mod._parameters if kind == "parameters" else mod._buffers
+            store.pop(name, None)
+    gm.delete_all_unused_submodules()
+
+
+def depends_on_input(node: Node) -> bool:
+    """True when the node's value depends on a placeholder (i.e. it is not a constant of the model)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def short_shape(shape: Iterable[int] | None) -> str:
+    return "?" if shape is None else "[" + ",".join(str(int(s)) for s in shape) + "]"
+
+
+ARITH_BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.subtract, torch.multiply,
+}
+ARITH_BINARY_METHODS = {"add", "sub", "mul", "div", "subtract", "multiply", "true_divide"}
