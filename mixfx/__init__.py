@@ -14,14 +14,13 @@ from mixfx.loading import LoadedModel, load_model
 from mixfx.report import AnalysisReport
 from mixfx.tracing import TraceResult, trace
 
+try:  # bind the function *after* importing the submodule, so `mixfx.rewrite` is the function
+    from mixfx.rewrite import RewriteResult, rewrite
+except ModuleNotFoundError as exc:  # pragma: no cover - only while the rewrite module is absent
+    if exc.name != "mixfx.rewrite":
+        raise
+
 __version__ = "0.1.0"
 __all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError"]
 
 
-def __getattr__(name: str):
-    # `mixfx.rewrite` (the function) is imported lazily: the rewrite passes pull in more code.
-    if name in ("rewrite", "RewriteResult"):
-        from mixfx import rewrite as _module
-
-        return getattr(_module, name)
-    raise AttributeError(name)

@@ -148,7 +148,8 @@ class _Analyser:
         others = [propagate_concrete(self.gm, s) for s in sizes]
         spatial = self._spatial_nodes(base, others)
         head_nodes = self._head_nodes(spatial, {r.node for r in rigid})
-        mixing = self._global_mixing(spatial, head_nodes)
+        mixing = [m for m in self._global_mixing(spatial, head_nodes)
+                  if not self._contracted_is_constant(m.node, base, others)]
         checks, disagreements, rigid = self._confirm(rigid, base, others)
         kept, dropped_constraints = self._confirm_constraints(constraints, bool(rigid))
         self.timings["concrete_checks_s"] = time.perf_counter() - t0
@@ -338,17 +339,23 @@ class _Analyser:
 
     # -- spatial dependence, head, global mixing ---------------------------------------------------
     def _spatial_nodes(self, base: ConcreteRun, others: list[ConcreteRun]) -> dict[str, set[str]]:
-        """Per node, the input dims its output depends on (symbolic, else concrete comparison)."""
+        """Per node, the input dims its output depends on. Where every concrete run reached the
+        node, the concrete shapes decide (a dim equal at all sizes is constant, however the
+        symbolic expression looks); the symbolic expression then names the dims."""
         out: dict[str, set[str]] = {}
+        self.constant_nodes: set[str] = set()
         for n in self.nodes:
-            if n.name in self.sym.values:
-                out[n.name] = _depends(self.sym.values[n.name], self.symbols)
+            symbolic = _depends(self.sym.values[n.name], self.symbols) if n.name in self.sym.values else None
+            reached = bool(others) and all(n.name in r.shapes for r in others) and n.name in base.shapes
+            if reached:
+                varies = any(_concrete_depends(base.shapes.get(n.name), r.shapes[n.name]) for r in others)
+                if not varies:
+                    out[n.name] = set()
+                    self.constant_nodes.add(n.name)
+                else:
+                    out[n.name] = symbolic or set(self.dim_names)
             else:
-                dep = set()
-                for run in others:
-                    if n.name in run.shapes and _concrete_depends(base.shapes.get(n.name), run.shapes[n.name]):
-                        dep |= set(self.dim_names)
-                out[n.name] = dep
+                out[n.name] = symbolic if symbolic is not None else set()
         return out
 
     def _node_spatial(self, n: torch.fx.Node | None, spatial: dict[str, set[str]]) -> set[str]:
@@ -390,6 +397,23 @@ class _Analyser:
             if reason:
                 found.append(GlobalMixing(n.name, module_path(n), op_name(n, self.gm), reason))
         return found
+
+    def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:
+        """Windowed attention: the contracted dim looks symbolic but is the same at every size."""
+        n = self.by_name[node]
+        args = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        if not others or not args:
+            return False
+        for a in args:
+            shapes = [base.shapes.get(a.name)] + [r.shapes.get(a.name) for r in others]
+            if any(s is None for s in shapes):
+                return False
+            if any(_concrete_depends(shapes[0], s) for s in shapes[1:]):
+                # some dim varies; is it the contracted one (last for matmul / -2 for sdpa key)?
+                dims = [s[-1] if isinstance(s, tuple) and s else None for s in shapes]
+                if len(set(dims)) > 1:
+                    return False
+        return True
 
     def _activation_nodes(self) -> set[str]:
         act: set[str] = set()
@@ -483,36 +507,35 @@ class _Analyser:
                              list(run.failed_asserts), expected)
 
     def _confirm_constraints(self, constraints: list[GuardMeaning], fixed: bool) -> tuple[list[str], list[str]]:
-        """Keep a constraint only if a size that violates it (all else as in the example) fails."""
-        kept, dropped = [], []
-        min_done: set[str] = set()
+        """Drop guards that are not input constraints: a size that violates only that guard (all
+        else as in the example) still runs. The survivors are summarised per dim."""
+        from mixfx.formulas import summarise_domain
+
+        kept: list[GuardMeaning] = []
+        dropped: list[str] = []
+        runs = 0
         for m in constraints:
             if m.kind == "fixed":
                 continue  # reported with the rigid node
-            if m.kind == "min_size":
-                if m.symbols[0] in min_done:
-                    continue
-                if fixed:
-                    min_done.add(m.symbols[0])
-            if fixed or m.kind not in ("divisible", "min_size", "other", "max_size"):
-                kept.append(m.text)
+            size = None if fixed else self._violating_size(m)
+            if size is None or runs >= 12:
+                kept.append(m)
                 continue
-            size = self._violating_size(m)
-            if size is None:
-                kept.append(m.text)
-                continue
+            runs += 1
             run = propagate_concrete(self.gm, size)
             if run.ok and not run.failed_asserts:
                 dropped.append(f"{m.text} (the model runs at {'x'.join(map(str, size[2:]))})")
             else:
-                kept.append(m.text)
-                if m.kind == "min_size":
-                    min_done.add(m.symbols[0])
-        return list(dict.fromkeys(kept)), dropped
+                kept.append(m)
+        one_dim = [m for m in kept if m.expr is not None and m.kind in ("divisible", "min_size", "max_size", "other")
+                   and (len(m.symbols) == 1 or m.kind != "other")]
+        texts = summarise_domain(list({str(m.expr): m.expr for m in one_dim}.values()), self.symbols, self.example_sizes)
+        texts += [m.text for m in kept if m not in one_dim]
+        return list(dict.fromkeys(texts)), dropped
 
     def _violating_size(self, m: GuardMeaning) -> tuple[int, ...] | None:
-        from mixfx.formulas import predicate
-
+        if m.counterexample and m.kind in ("other", "divisible", "max_size"):
+            return (*self.example[:2], *(m.counterexample[n] for n in self.dim_names))
         name = m.symbols[0]
         i = self.dim_names.index(name)
         ex = self.example_sizes[name]

@@ -132,6 +132,8 @@ class GuardMeaning:
     symbols: tuple[str, ...]
     modulus: int | None = None
     bound: int | None = None
+    counterexample: dict[str, int] | None = None  # sizes near the example that violate it
+    expr: object = None  # the raw guard
 
 
 WINDOW = 96  # sizes 1 .. example+WINDOW are sampled per dim
@@ -177,14 +179,69 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
         xs = list(range(1, example[name] + WINDOW + 1))
         slices[name] = (xs, [f(**{**base, name: x}) for x in xs])
     if len(used) == 1:
-        return [_characterise_1d(used[0], *slices[used[0]], rel)]
-    if any(_bounded(vals) for _, vals in slices.values()):
-        return [GuardMeaning("fixed", rel, used)]
-    if not _separable(f, used, base, slices):
-        return [GuardMeaning("other", rel, used)]
-    out = [_characterise_1d(name, *slices[name], rel) for name in used]
-    real = [m for m in out if m.kind != "always"]
-    return real or [GuardMeaning("always", rel, used)]
+        out = [_characterise_1d(used[0], *slices[used[0]], rel)]
+    elif any(_bounded(vals) for _, vals in slices.values()):
+        out = [GuardMeaning("fixed", rel, used)]
+    elif not _separable(f, used, base, slices):
+        out = [GuardMeaning("other", rel, used)]
+    else:
+        out = [m for m in (_characterise_1d(name, *slices[name], rel) for name in used) if m.kind != "always"]
+        out = out or [GuardMeaning("always", rel, used)]
+    for m in out:
+        m.counterexample = _counterexample(m.symbols or used, base, slices)
+        m.expr = expr
+    return out
+
+
+def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: Mapping[str, int]) -> list[str]:
+    """The accepted sizes of each dim under *all* the given guards at once (other dims as in the
+    example), as at most two readable constraints per dim: a divisibility and a minimum size.
+    Many guards of one reshape chain (`H//(4*(H//28)) == 7`, ...) collapse to `(H//4) % 7 == 0`."""
+    preds = [(predicate(e, symbols), free_input_symbols(e, symbols)) for e in exprs]
+    out: list[str] = []
+    base = {n: example[n] for n in symbols}
+    for name in symbols:
+        mine = [p for p, used in preds if name in used]
+        if not mine:
+            continue
+        xs = list(range(1, example[name] + 2 * WINDOW + 1))
+        vals = [all(p(**{**base, name: x}) for p in mine) for x in xs]
+        if all(vals) or not any(vals):
+            continue
+        first = xs[vals.index(True)]
+        tail_xs, tail = xs[xs.index(first):], vals[xs.index(first):]
+        if all(tail):
+            out.append(f"{name} >= {first}")
+            continue
+        m = _characterise_1d(name, tail_xs, tail, "")
+        if m.kind == "divisible":
+            out.append(m.text)
+            smallest = next(x for x in xs if x % (m.modulus or 1) == 0) if m.modulus else 1
+            if first > smallest:
+                out.append(f"{name} >= {first}")
+        else:
+            full = _characterise_1d(name, xs, vals, "")
+            if full.kind in ("divisible", "min_size", "max_size"):
+                out.append(full.text)
+            else:
+                ok = [x for x, v in zip(xs, vals) if v]
+                out.append(f"{name} in {{{', '.join(map(str, ok[:6]))}{', ...' if len(ok) > 6 else ''}}}")
+    return out
+
+
+def _counterexample(names, base: dict[str, int], slices) -> dict[str, int] | None:
+    """The violating size nearest to the example along one dim (others as in the example)."""
+    best = None
+    for name in names:
+        if name not in slices:
+            continue
+        xs, vals = slices[name]
+        false_xs = [x for x, v in zip(xs, vals) if not v and x >= 8]
+        if false_xs:
+            x = min(false_xs, key=lambda x: abs(x - base[name]))
+            if best is None or abs(x - base[name]) < abs(best[1] - base[best[0]]):
+                best = (name, x)
+    return {**base, best[0]: best[1]} if best else None
 
 
 def _bounded(vals: list[bool]) -> bool:

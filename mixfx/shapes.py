@@ -244,7 +244,10 @@ def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -
             return out
 
     interp = _Recorder(gm)
-    with meta_weights(gm), mode:
+    from torch._dispatch.python import enable_python_dispatcher
+
+    # The Python dispatcher lets composite ops (F.interpolate with a SymInt size) decompose.
+    with meta_weights(gm), mode, enable_python_dispatcher():
         try:
             interp.run(fake_x)
         except Exception as exc:  # noqa: BLE001

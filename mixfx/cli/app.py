@@ -60,3 +60,8 @@ def fail(message: str, code: int) -> None:
 
 def _stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps `mixfx` a command group (analyze, rewrite) even when only one command is registered."""

@@ -1,0 +1,253 @@
+"""`mixfx.rewrite`: trace, run the rewrite passes, check the result, analyse before and after.
+
+The original model is never modified: the traced GraphModule is deep-copied before any pass runs.
+Verification always runs (see `mixfx.verify` for the tolerance); when the rewritten module is not
+equivalent, `VerificationError` (exit code 4) is raised and nothing is returned to be saved.
+Where the model accepts more than one input size (the analyser says `convolutional` or
+`polymorphic`, or the original simply runs there), it is also verified at a second size.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from mixfx.errors import EXIT_VERIFY, MixfxError, UsageError, VerificationError
+from mixfx.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, random_input, verify
+from passes import Change, RewritePass, RewritePassResult, Skip, passes_for
+from passes._fxutil import annotate_example_inputs, clear_example_inputs, permutation_of, propagate_shapes
+
+TARGETS = ("conv", "linear")
+
+
+class PassError(MixfxError):
+    """A rewrite pass raised: nothing was rewritten or written."""
+
+    exit_code = EXIT_VERIFY
+    kind = "rewrite"
+
+
+@dataclass
+class RewriteResult:
+    module: GraphModule
+    target: str
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verification: Verification | None = None
+    classification_before: str | None = None
+    classification_after: str | None = None
+    passes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    rigid_before: list[str] = field(default_factory=list)
+    rigid_after: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "passes": list(self.passes),
+            "changes": [c.to_dict() for c in self.changes],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "notes": list(self.notes),
+            "verification": self.verification.to_dict() if self.verification else None,
+            "classification_before": self.classification_before,
+            "classification_after": self.classification_after,
+            "rigid_before": list(self.rigid_before),
+            "rigid_after": list(self.rigid_after),
+            "module_counts": module_counts(self.module),
+            "timings": dict(self.timings),
+        }
+
+
+def module_counts(module: nn.Module) -> dict[str, int]:
+    """How many Linear / Conv1d / Conv2d modules the graph calls (a quick before/after view)."""
+    counts: dict[str, int] = {}
+    if isinstance(module, GraphModule):
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                name = type(module.get_submodule(node.target)).__name__
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def count_permutes(gm: GraphModule, example_input: torch.Tensor | None = None) -> int:
+    """Number of permute/transpose nodes (needs shapes, hence an example input for a bare graph)."""
+    shapes = propagate_shapes(gm, None if example_input is None else [example_input])
+    return sum(1 for n in gm.graph.nodes if permutation_of(n, shapes) is not None)
+
+
+def default_passes(to: str, only: str | None = None) -> list[RewritePass]:
+    """`passes.passes_for(to, only)`; without the patchify passes while those are not installed."""
+    try:
+        return passes_for(to, only)
+    except ModuleNotFoundError as exc:
+        if "patchify" not in (exc.name or ""):
+            raise
+    import fnmatch
+
+    from passes import PASS_GROUPS
+    from passes.conv_to_linear import ConvToLinear
+    from passes.layout import LayoutCleanup
+    from passes.linear_to_conv import LinearToConv
+
+    selected = [LinearToConv() if to == "conv" else ConvToLinear(), LayoutCleanup()]
+    if only is None:
+        return selected
+    names = {m for g, ms in PASS_GROUPS.items() if fnmatch.fnmatch(g, only) for m in ms}
+    keep = [p for p in selected if p.name in names or fnmatch.fnmatch(p.name, only)]
+    if keep and keep[-1].name != "layout":
+        keep.append(selected[-1])
+    return keep
+
+
+def _trace(model: nn.Module, leaves: Sequence) -> GraphModule:
+    if isinstance(model, GraphModule):
+        return copy.deepcopy(model)
+    try:
+        from mixfx.tracing import fx_trace
+    except ImportError:  # pragma: no cover - the tracer module always ships with mixfx
+        return copy.deepcopy(torch.fx.symbolic_trace(model))
+    return copy.deepcopy(fx_trace(model, leaves=leaves))
+
+
+def _analyse(module: nn.Module, example_input: torch.Tensor, leaves: Sequence) -> Any:
+    try:
+        from mixfx.analysis import analyze
+    except ImportError:  # pragma: no cover
+        return None
+    kwargs = {"leaves": leaves} if leaves and not isinstance(module, GraphModule) else {}
+    return analyze(module, example_input, **kwargs)
+
+
+def _rigid(report: Any) -> list[str]:
+    if report is None:
+        return []
+    return [getattr(r, "module", None) or getattr(r, "node", "?") for r in getattr(report, "rigid_nodes", [])]
+
+
+def second_sizes(example_input: torch.Tensor) -> list[tuple[int, ...]]:
+    """Candidate second input sizes: both spatial dims grown by different amounts (H != W, never 1)."""
+    shape = tuple(example_input.shape)
+    if len(shape) < 3:
+        return []
+    spatial = shape[2:]
+    grown = tuple(s + (32 if i == 0 else 64) for i, s in enumerate(spatial))
+    return [shape[:2] + grown, shape[:2] + tuple(2 * s for s in spatial)]
+
+
+def rewrite(
+    model: nn.Module,
+    to: str = "conv",
+    example_input: torch.Tensor | None = None,
+    passes: Sequence[RewritePass] | None = None,
+    *,
+    only: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    verify_sizes: Sequence[Sequence[int]] | None = None,
+    leaves: Sequence = (),
+    analyze: bool = True,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> RewriteResult:
+    """Rewrite `model` towards `to` ("conv": Linear -> 1x1 conv; "linear": 1x1 conv -> Linear).
+
+    `passes` overrides the default pipeline (`passes.passes_for(to, only)`). `verify_sizes` gives
+    the extra input shapes to verify at (default: a second size when the model takes one).
+    `analyze=False` skips the before/after classification (faster). Raises `VerificationError`
+    when the result is not equivalent and `PassError` when a pass fails."""
+    if to not in TARGETS:
+        raise UsageError(f"unknown rewrite target {to!r}.", "Use --to conv or --to linear.")
+    if example_input is None:
+        example_input = random_input(tuple(input_shape) if input_shape else (1, 3, 224, 224))
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        report_before = _analyse(model, example_input, leaves) if analyze else None
+        timings["analyse_before_s"] = time.perf_counter() - t_start
+
+        t0 = time.perf_counter()
+        gm = _trace(model, leaves)
+        timings["trace_s"] = time.perf_counter() - t0
+        pipeline = list(passes) if passes is not None else default_passes(to, only)
+        annotate_example_inputs(gm, example_input)
+        changes: list[Change] = []
+        skipped: list[Skip] = []
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        for p in pipeline:
+            try:
+                result = p(gm)
+            except MixfxError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing pass is reported, the original is untouched
+                raise PassError(
+                    f"the rewrite pass `{getattr(p, 'name', type(p).__name__)}` failed on {type(model).__name__}: "
+                    f"{type(exc).__name__}: {exc}. Nothing was rewritten.",
+                    "Run with --debug for the traceback; --only PATTERN runs a subset of the passes.") from exc
+            if result is not None:
+                gm = result.graph_module
+                if isinstance(result, RewritePassResult):
+                    changes += result.changes
+                    skipped += result.skipped
+                    notes += result.notes
+        clear_example_inputs(gm)
+        gm.graph.lint()
+        gm.recompile()
+        timings["passes_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if verify_sizes is None:
+            classification = getattr(report_before, "classification", None)
+            extra = [] if classification == "fixed" else second_sizes(example_input)[:1]
+            extra = [s for s in extra if _runs(model, example_input, s)]
+        else:
+            extra = [tuple(s) for s in verify_sizes]
+        verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol)
+        timings["verify_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        report_after = None
+        if analyze and verification.passed:
+            report_after = _analyse(gm, example_input, ())
+        timings["analyse_after_s"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    timings["total_s"] = time.perf_counter() - t_start
+    out = RewriteResult(
+        module=gm, target=to, changes=changes, skipped=skipped, notes=notes, verification=verification,
+        classification_before=getattr(report_before, "classification", None),
+        classification_after=getattr(report_after, "classification", None),
+        passes=[getattr(p, "name", type(p).__name__) for p in pipeline], timings=timings,
+        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after))
+    if not verification.passed:
+        bad = next((s for s in verification.sizes if not s.passed), None)
+        where = ""
+        if bad is not None:
+            where = f" at input {'x'.join(map(str, bad.input_shape))}"
+            where += f": {bad.error}" if bad.error else (
+                f": max abs err {bad.max_abs_err:.3g} > {atol:g} + {rtol:g} * {bad.ref_scale:.3g}")
+        exc = VerificationError(
+            f"the rewritten {type(model).__name__} is not equivalent to the original{where}. Nothing was written.",
+            "Run with --only to narrow down which pass is responsible, and report the model if it is a mixfx bug.")
+        exc.result = out  # type: ignore[attr-defined]
+        raise exc
+    return out
+
+
+def _runs(model: nn.Module, example_input: torch.Tensor, shape: Sequence[int]) -> bool:
+    """Whether the original model accepts `shape` (checked on the meta device: no compute)."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            model(mode.from_tensor(torch.empty(tuple(shape), dtype=example_input.dtype)))
+        return True
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,159 @@
+"""Numeric equivalence of a rewritten model and its original.
+
+Both models are run in eval mode, without grad, on the same random input (fixed seed) at the
+example size and at every extra size, and their outputs are compared leaf by leaf (tensors inside
+tuples, lists and dicts; other values must be equal).
+
+Tolerance (float32 defaults, `DEFAULT_ATOL` / `DEFAULT_RTOL`): a size passes when
+`max|out - ref| <= atol + rtol * max|ref|`. The relative part is taken against the output's scale
+rather than element by element, because a rewrite changes the summation order of every dot
+product (a 1x1 conv and a Linear run different kernels), and an output element that is near zero
+gets a large element-wise relative error from rounding alone. `max_rel_err` is reported the same
+way: `max|out - ref| / max|ref|`. Real rewrite errors (wrong weight order, wrong dim) are of the
+order of the outputs themselves, far above this tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
+SEED = 0
+
+
+@dataclass
+class SizeCheck:
+    """The comparison at one input shape."""
+
+    input_shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    ref_scale: float  # max |ref|
+    passed: bool
+    error: str | None = None  # why the outputs could not be compared (raise, shape mismatch)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+@dataclass
+class Verification:
+    passed: bool
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: dict[str, float]
+    sizes: list[SizeCheck] = field(default_factory=list)
+    seed: int = SEED
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                "tolerance": dict(self.tolerance), "seed": self.seed, "sizes": [s.to_dict() for s in self.sizes]}
+
+    def summary(self) -> str:
+        shapes = ", ".join("x".join(map(str, s.input_shape)) for s in self.sizes)
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"{verdict} at {shapes}: max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
+                f"(tolerance atol={self.tolerance['atol']:g} + rtol={self.tolerance['rtol']:g} * max|ref|)")
+
+
+def random_input(shape: Sequence[int], like: torch.Tensor | None = None, seed: int = SEED) -> torch.Tensor:
+    """A standard-normal input of `shape` (dtype/device of `like`), the same for the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    x = torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(dtype)
+    return x.to(like.device) if like is not None else x
+
+
+def flatten_output(out: Any, prefix: str = "out") -> list[tuple[str, Any]]:
+    """(path, leaf) pairs of a nested output: tensors in tuples, lists, dicts and dataclass-like objects."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix, out)]
+    if isinstance(out, dict):
+        return [kv for k in sorted(out, key=str) for kv in flatten_output(out[k], f"{prefix}[{k!r}]")]
+    if isinstance(out, (tuple, list)):
+        return [kv for i, v in enumerate(out) for kv in flatten_output(v, f"{prefix}[{i}]")]
+    return [(prefix, out)]
+
+
+def compare_outputs(ref: Any, out: Any, atol: float, rtol: float) -> tuple[float, float, float, bool, str | None]:
+    """(max_abs_err, max_rel_err, ref_scale, passed, error) over all leaves."""
+    ref_leaves, out_leaves = flatten_output(ref), flatten_output(out)
+    if [k for k, _ in ref_leaves] != [k for k, _ in out_leaves]:
+        return float("inf"), float("inf"), 0.0, False, (
+            f"output structure differs: {[k for k, _ in ref_leaves]} vs {[k for k, _ in out_leaves]}")
+    max_abs, scale = 0.0, 0.0
+    for (path, r), (_, o) in zip(ref_leaves, out_leaves):
+        if isinstance(r, torch.Tensor) != isinstance(o, torch.Tensor):
+            return float("inf"), float("inf"), scale, False, f"{path}: tensor vs {type(o).__name__}"
+        if not isinstance(r, torch.Tensor):
+            if r != o:
+                return float("inf"), float("inf"), scale, False, f"{path}: {r!r} != {o!r}"
+            continue
+        if r.shape != o.shape:
+            return float("inf"), float("inf"), scale, False, f"{path}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        if r.numel() == 0:
+            continue
+        r64, o64 = r.detach().double(), o.detach().double()
+        if not torch.equal(torch.isfinite(r64), torch.isfinite(o64)):
+            return float("inf"), float("inf"), scale, False, f"{path}: non-finite values differ"
+        finite = torch.isfinite(r64)
+        diff = (r64 - o64).abs()[finite]
+        if diff.numel():
+            max_abs = max(max_abs, float(diff.max()))
+            scale = max(scale, float(r64.abs()[finite].max()))
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, rel, scale, max_abs <= atol + rtol * scale, None
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> Any:
+    with torch.no_grad():
+        return model(x)
+
+
+def verify(
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    extra_sizes: Sequence[Sequence[int]] = (),
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    seed: int = SEED,
+) -> Verification:
+    """Compare `rewritten` against `original` on random inputs shaped like `example_input` and
+    like each of `extra_sizes` (full input shapes). Never raises for a mismatch: see `.passed`."""
+    modes = (original.training, rewritten.training)
+    original.eval()
+    rewritten.eval()
+    checks: list[SizeCheck] = []
+    try:
+        for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
+            x = random_input(shape, example_input, seed + i)
+            try:
+                ref = _run(original, x)
+            except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
+                checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
+                                        f"the original model does not run at this size: {type(exc).__name__}: {exc}"))
+                continue
+            try:
+                out = _run(rewritten, x)
+            except Exception as exc:  # noqa: BLE001
+                checks.append(SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
+                                        f"the rewritten model fails: {type(exc).__name__}: {exc}"))
+                continue
+            abs_err, rel_err, scale, ok, error = compare_outputs(ref, out, atol, rtol)
+            checks.append(SizeCheck(shape, abs_err, rel_err, scale, ok, error))
+    finally:
+        original.train(modes[0])
+        rewritten.train(modes[1])
+    compared = [c for c in checks if c.error is None or c.max_abs_err == float("inf")]
+    max_abs = max((c.max_abs_err for c in compared), default=0.0)
+    max_rel = max((c.max_rel_err for c in compared), default=0.0)
+    passed = bool(checks) and all(c.passed for c in checks) and bool(compared)
+    return Verification(passed, max_abs, max_rel, {"atol": atol, "rtol": rtol}, checks, seed)
