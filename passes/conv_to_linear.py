@@ -94,6 +94,8 @@ class ConvToLinear(RewritePass):
                     inp = g.call_method("permute", (x, *to_last))
                     out_lin = g.call_module(target, (inp,))
                     out = g.call_method("permute", (out_lin, *fu.inverse(to_last)))
+                if node in shapes:  # later candidates may read their input's shape from here
+                    shapes[out] = shapes.pop(node)
                 node.replace_all_uses_with(out)
                 g.erase_node(node)
                 changes.append(Change(self.name, node.name, target, repr(conv),

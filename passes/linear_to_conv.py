@@ -86,7 +86,7 @@ class LinearToConv(RewritePass):
             fu.set_module(gm, target, conv)
             for node in nodes:
                 x = node.args[0]
-                _wrap(gm, node, rank, lambda g, inp, t=target: g.call_module(t, (inp,)))
+                _wrap(gm, node, rank, lambda g, inp, t=target: g.call_module(t, (inp,)), shapes)
                 changes.append(Change(self.name, node.name, target, repr(mod),
                                       f"{_conv_repr(conv)} on {_layout(rank)} (input {fu.short_shape(shapes[x])})"))
 
@@ -115,7 +115,7 @@ class LinearToConv(RewritePass):
             conv = conv_from_linear(weight, bias, _spatial(rank))
             path = fu.fresh_path(gm, w.target.rsplit(".", 1)[0] + "_conv" if "." in w.target else w.target + "_conv")
             gm.add_submodule(path, conv)
-            _wrap(gm, node, rank, lambda g, inp, t=path: g.call_module(t, (inp,)))
+            _wrap(gm, node, rank, lambda g, inp, t=path: g.call_module(t, (inp,)), shapes)
             for attr in (w, b):
                 if attr is not None and not attr.users:
                     gm.graph.erase_node(attr)
@@ -151,7 +151,7 @@ def _conv_repr(conv: nn.Module) -> str:
     return f"{type(conv).__name__}({conv.in_channels}, {conv.out_channels}, 1x1, bias={conv.bias is not None})"
 
 
-def _wrap(gm: GraphModule, node: Node, rank: int, make_conv) -> None:
+def _wrap(gm: GraphModule, node: Node, rank: int, make_conv, shapes: dict) -> None:
     """Replace `node` (a Linear on the last dim of a rank-`rank` tensor) with
     layout-change -> conv -> layout-change-back."""
     g = gm.graph
@@ -166,5 +166,7 @@ def _wrap(gm: GraphModule, node: Node, rank: int, make_conv) -> None:
             inp = g.call_method("permute", (x, *to_cf))
             conv = make_conv(g, inp)
             out = g.call_method("permute", (conv, *fu.inverse(to_cf)))
+    if node in shapes:  # later candidates may read their input's shape from here
+        shapes[out] = shapes.pop(node)
     node.replace_all_uses_with(out)
     g.erase_node(node)
