@@ -120,6 +120,7 @@ class _Analyser:
     def run(self) -> AnalysisReport:
         t0 = time.perf_counter()
         base = propagate_concrete(self.gm, self.example)
+        self.notes.extend(base.notes)
         self._require_example_ok(base)
         self.timings["concrete_example_s"] = time.perf_counter() - t0
 

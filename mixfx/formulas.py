@@ -244,8 +244,16 @@ def _counterexample(names, base: dict[str, int], slices) -> dict[str, int] | Non
     return {**base, best[0]: best[1]} if best else None
 
 
+FIXED_SPAN = 64  # a guard true only on one short run of sizes pins the size
+
+
 def _bounded(vals: list[bool]) -> bool:
-    return any(vals) and not vals[-1] and _period(vals) is None
+    """True on one contiguous, short run of sizes and false elsewhere: the guard pins the size."""
+    true_idx = [i for i, v in enumerate(vals) if v]
+    if not true_idx or vals[-1]:
+        return False
+    lo, hi = true_idx[0], true_idx[-1]
+    return hi - lo < FIXED_SPAN and len(true_idx) == hi - lo + 1
 
 
 def _separable(f, used, base, slices) -> bool:
@@ -286,9 +294,9 @@ def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> Gu
             return GuardMeaning("min_size", f"{name} >= {first}", (name,), bound=first)
         return GuardMeaning("other", rel, (name,))
     true_xs = [x for x, v in zip(xs, vals) if v]
-    if vals[0] and all(vals[: xs.index(true_xs[-1]) + 1]):
+    if vals[0] and all(vals[: xs.index(true_xs[-1]) + 1]) and true_xs[-1] > FIXED_SPAN:
         return GuardMeaning("max_size", f"{name} <= {true_xs[-1]}", (name,), bound=true_xs[-1])
-    return GuardMeaning("fixed", rel, (name,))
+    return GuardMeaning("fixed" if _bounded(vals) else "other", rel, (name,))
 
 
 def _is_symbol_pair(expr, symbols) -> bool:

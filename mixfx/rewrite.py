@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 from mixfx.errors import EXIT_VERIFY, MixfxError, UsageError, VerificationError
 from mixfx.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, random_input, verify
 from passes import Change, RewritePass, RewritePassResult, Skip, passes_for
+from passes.modules import ChannelLayerNorm, channel_layer_norm
 from passes._fxutil import annotate_example_inputs, clear_example_inputs, permutation_of, propagate_shapes
 
 TARGETS = ("conv", "linear")
@@ -108,11 +109,11 @@ def default_passes(to: str, only: str | None = None) -> list[RewritePass]:
 def _trace(model: nn.Module, leaves: Sequence) -> GraphModule:
     if isinstance(model, GraphModule):
         return copy.deepcopy(model)
-    try:
-        from mixfx.tracing import fx_trace
-    except ImportError:  # pragma: no cover - the tracer module always ships with mixfx
-        return copy.deepcopy(torch.fx.symbolic_trace(model))
-    return copy.deepcopy(fx_trace(model, leaves=leaves))
+    from mixfx.tracing import fx_trace
+
+    # mixfx's own channel LayerNorm stays one node, so a rewritten model can be rewritten back
+    gm = fx_trace(model, leaves=tuple(leaves) + (ChannelLayerNorm,), autowrap=(channel_layer_norm,))
+    return copy.deepcopy(gm)
 
 
 def _analyse(module: nn.Module, example_input: torch.Tensor, leaves: Sequence) -> Any:

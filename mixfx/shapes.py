@@ -80,6 +80,7 @@ class ConcreteRun:
     shapes: dict[str, Any] = field(default_factory=dict)  # node name -> shape tuple (or nested list)
     failed_asserts: list[str] = field(default_factory=list)
     failure: NodeFailure | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -90,8 +91,12 @@ def classify_exception(exc: BaseException) -> str:
     from torch._subclasses.fake_tensor import DynamicOutputShapeException, UnsupportedOperatorException
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    if isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in str(exc).lower():
+    text = str(exc).lower()
+    if isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in text or "data dependent" in text \
+            or ".item()" in text:
         return "data_dependent"
+    if "meta tensor" in text or "on meta" in text or "'meta'" in text:
+        return "unsupported"
     if isinstance(exc, (DynamicOutputShapeException,)):
         return "data_dependent"
     if isinstance(exc, (UnsupportedOperatorException, NotImplementedError)):
@@ -191,21 +196,37 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> ConcreteRun:
-    """Run `gm` on a meta tensor of `input_shape`; never raises for failures inside the graph."""
+def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, allow_real: bool = True) -> ConcreteRun:
+    """Run `gm` on a meta tensor of `input_shape`; never raises for failures inside the graph.
+
+    Where a node cannot run on meta tensors (data-dependent control flow in a leaf module, an op
+    without a meta kernel) and the model has real weights, the run is repeated on a real random
+    input (real compute, so only as a fallback)."""
+    run = _propagate(gm, input_shape, real=False)
+    if (allow_real and run.failure is not None and run.failure.kind in ("data_dependent", "unsupported")
+            and not any(t.is_meta for t in [*gm.parameters(), *gm.buffers()])):
+        real = _propagate(gm, input_shape, real=True)
+        real.notes = [f"`{run.failure.node}` cannot run on meta tensors ({run.failure.error}); "
+                      f"shapes at {'x'.join(map(str, input_shape[2:]))} come from a real forward."]
+        return real
+    return run
+
+
+def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool) -> ConcreteRun:
     run = ConcreteRun(tuple(input_shape))
-    interp = _MetaInterpreter(gm)
-    x = torch.empty(input_shape, device="meta")
-    with meta_weights(gm):
-        shapes = run.shapes
+    shapes = run.shapes
+    base = _PropagationInterpreter if real else _MetaInterpreter
 
-        class _Recorder(_MetaInterpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                shapes[n.name] = _shape_of(out)
-                return out
+    class _Recorder(base):
+        def run_node(self, n):
+            out = super().run_node(n)
+            shapes[n.name] = _shape_of(out)
+            return out
 
-        interp = _Recorder(gm)
+    interp = _Recorder(gm)
+    ctx = contextlib.nullcontext() if real else meta_weights(gm)
+    x = torch.randn(input_shape) if real else torch.empty(input_shape, device="meta")
+    with ctx, torch.no_grad():
         try:
             interp.run(x)
         except Exception as exc:  # noqa: BLE001 - a failing node is a finding, not a crash

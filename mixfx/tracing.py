@@ -42,6 +42,12 @@ class TraceResult:
 
 
 def _timm_fx_lists() -> tuple[set[type], set[Callable]]:
+    """timm's leaf modules and autowrapped functions, if timm is already imported (a timm
+    model implies it is; importing timm just for this would cost ~1.5 s per process)."""
+    import sys
+
+    if "timm" not in sys.modules:
+        return set(), set()
     try:
         from timm.layers import _fx as timm_fx  # type: ignore[import-not-found]
     except Exception:  # timm missing or too old: no extra lists
@@ -146,15 +152,15 @@ def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module, example
 
     x = torch.empty(example_input.shape, dtype=example_input.dtype, device="meta")
     try:
+        with meta_weights(model):
+            want = model(x)
+    except Exception:  # noqa: BLE001 - the eager model itself rejects the input: the analysis says why
+        return None
+    try:
         with meta_weights(gm):
             got = gm(x)
     except Exception as exc:  # noqa: BLE001
         return f"the fx graph fails to run: {type(exc).__name__}: {exc}"
-    try:
-        with meta_weights(model):
-            want = model(x)
-    except Exception:  # noqa: BLE001 - an eager failure is reported later by the analysis
-        return None
     got_shapes = [tuple(t.shape) for t in flatten_outputs(got)]
     want_shapes = [tuple(t.shape) for t in flatten_outputs(want)]
     if got_shapes != want_shapes:

@@ -65,3 +65,8 @@ def _stdout_is_tty() -> bool:
 @app.callback()
 def _root() -> None:
     """Keeps `mixfx` a command group (analyze, rewrite) even when only one command is registered."""
+    import logging
+
+    # torch's symbolic-shape and export loggers warn about internals the user cannot act on
+    for name in ("torch", "torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)

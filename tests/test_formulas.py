@@ -1,0 +1,67 @@
+"""Guard semantics and formula printing: torch's ShapeEnv expressions in the user's terms."""
+from __future__ import annotations
+
+import math
+
+import sympy
+from torch.utils._sympy.functions import FloorDiv, PythonMod
+
+from mixfx.formulas import characterise, format_expr, summarise_domain
+
+H = sympy.Symbol("s36", integer=True, positive=True)
+W = sympy.Symbol("s98", integer=True, positive=True)
+SYM = {"H": H, "W": W}
+EX = {"H": 224, "W": 224}
+
+
+def kinds(expr):
+    return [(m.kind, m.text) for m in characterise(expr, SYM, EX)]
+
+
+def test_conv_chain_prints_as_ceil():
+    assert format_expr(FloorDiv(H - 1, 32) + 1, SYM) == "ceil(H/32)"
+    assert format_expr(FloorDiv(H + 2 - 3, 2) + 1, SYM) == "ceil(H/2)"
+    assert format_expr(FloorDiv(H, 16), SYM) == "H//16"
+
+
+def test_products_of_floordivs_keep_parentheses():
+    text = format_expr(FloorDiv(H, 16) * FloorDiv(W, 16) + 1, SYM)
+    assert text == "(H//16)*(W//16) + 1"
+    assert eval(text, {}, {"H": 224, "W": 160}) == 14 * 10 + 1
+
+
+def test_printed_formulas_evaluate_like_the_original():
+    exprs = [FloorDiv(H - 1, 2) + 1, FloorDiv(H + 5, 4), FloorDiv(H - 7, 3) + 2, 3 * FloorDiv(H, 8) + 1]
+    for e in exprs:
+        text = format_expr(e, SYM)
+        for h in range(8, 300, 7):
+            want = int(e.xreplace({H: h}))
+            assert eval(text, {"ceil": math.ceil}, {"H": h}) == want, (text, h)
+
+
+def test_token_count_pin_is_fixed():
+    assert kinds(sympy.Eq(FloorDiv(H, 16) * FloorDiv(W, 16), 196)) == [("fixed", "(H//16)*(W//16) == 196")]
+    assert kinds(sympy.Eq(H, 224)) == [("fixed", "H == 224")]
+
+
+def test_divisibility_and_min_size():
+    assert kinds(sympy.Eq(PythonMod(H, 16), 0)) == [("divisible", "H % 16 == 0")]
+    assert kinds(H >= 16) == [("min_size", "H >= 16")]
+    # a reshape's numel check splits into one divisibility per dim
+    numel = sympy.Eq(3 * H * W, 3 * 16 * FloorDiv(H, 16) * 16 * FloorDiv(W, 16))
+    assert kinds(numel) == [("divisible", "H % 16 == 0"), ("divisible", "W % 16 == 0")]
+
+
+def test_specialisation_noise_is_not_a_constraint():
+    assert kinds(sympy.Ne(FloorDiv(H - 1, 2) + 1, 1))[0][0] == "specialisation"
+    assert kinds(sympy.Ne(FloorDiv(H, 16) * FloorDiv(W, 16), FloorDiv(H, 16)))[0][0] == "specialisation"
+
+
+def test_scattered_truth_set_is_not_fixed():
+    # a view's stride branch: true at many unrelated sizes, so it does not pin the input
+    assert kinds(sympy.Eq(PythonMod(FloorDiv(H, 4), FloorDiv(H, 28)), 0))[0][0] != "fixed"
+
+
+def test_window_partition_guards_collapse_to_one_constraint_per_dim():
+    exprs = [sympy.Eq(PythonMod(FloorDiv(H, 4), 7), 0), sympy.Eq(PythonMod(FloorDiv(W, 4), 7), 0), H >= 28]
+    assert summarise_domain(exprs, SYM, EX) == ["(H//4) % 7 == 0", "(W//4) % 7 == 0"]
