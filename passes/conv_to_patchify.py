@@ -93,13 +93,14 @@ class ConvToPatchify(RewritePass):
             lin_path = path if len(all_calls) == len(nodes) else fresh_attr(gm, path + "_linear")
             linear = _linear_from(conv)
             for node in nodes:
+                tokens = _tokens_user(node, len(conv.kernel_size)) is not None
                 out = self._emit(gm, node, lin_path, conv)
                 node.replace_all_uses_with(out)
                 gm.graph.erase_node(node)
                 k = "x".join(map(str, conv.kernel_size))
                 changes.append(Change(self.name, node.name, lin_path, repr(conv),
                                       f"patchify {k} (c {' '.join(f'p{i + 1}' for i in range(len(conv.kernel_size)))})"
-                                      f" + {linear} + permute to channels-first"))
+                                      f" + {linear}" + (" (tokens [B, N, D])" if tokens else " + permute to channels-first")))
             _put_module(gm, lin_path, linear)
             notes.append(self._domain_note(lin_path, conv))
         if changes:
@@ -145,6 +146,12 @@ class ConvToPatchify(RewritePass):
             x = copy_meta(g.call_method("permute", (x, perm)), node)
             x = copy_meta(g.call_method("flatten", (x, d + 1)), node)
             y = copy_meta(g.call_module(lin_path, (x,)), node)
+            tokens = _tokens_user(node, d)
+            if tokens is not None:  # conv.flatten(2).transpose(1, 2) == linear output.flatten(1, d)
+                out = copy_meta(g.call_method("flatten", (y, 1, d)), node) if d > 1 else y
+                tokens.replace_all_uses_with(out)
+                _erase_chain(g, tokens, node)
+                return y
             return copy_meta(g.call_method("permute", (y, (0, d + 1, *range(1, d + 1)))), node)
 
     def _domain_note(self, path: str, conv: nn.Module) -> str:
@@ -154,6 +161,49 @@ class ConvToPatchify(RewritePass):
             return (f"`{path}`: accepted input domain unchanged: a slice drops the remainder before the reshape, "
                     f"as the strided conv does (so {conds} is not required)")
         return f"`{path}`: the accepted input domain changed: the reshape into patches requires {conds}"
+
+
+def _tokens_user(conv: Node, d: int) -> Node | None:
+    """The node ending `conv -> [flatten(2) ->] transpose(1, 2)` or `conv -> permute(0, 2.., 1)`,
+    when the conv output has no other use: the ViT tokens layout (or channels-last), which the
+    patchify form produces directly. Saves the layout pass a permute it would have to cancel."""
+    def only_user(n: Node) -> Node | None:
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    def is_flatten2(n: Node) -> bool:
+        if n.op == "call_method" and n.target == "flatten" or n.op == "call_function" and n.target is torch.flatten:
+            args = list(n.args[1:]) + [n.kwargs.get("start_dim", 0), n.kwargs.get("end_dim", -1)][len(n.args) - 1:]
+            return args[0] == 2 and args[1] in (-1, d + 1)
+        return False
+
+    def is_swap12(n: Node, rank: int) -> bool:
+        if n.op == "call_method" and n.target in ("transpose", "swapaxes", "swapdims") or (
+                n.op == "call_function" and n.target in (torch.transpose, torch.swapaxes, torch.swapdims)):
+            return rank == 3 and len(n.args) == 3 and {a % 3 for a in n.args[1:]} == {1, 2}
+        if n.op == "call_method" and n.target == "permute" or n.op == "call_function" and n.target is torch.permute:
+            dims = n.args[1:] if not (len(n.args) == 2 and isinstance(n.args[1], (tuple, list))) else n.args[1]
+            return tuple(dims) == (0, *range(2, rank), 1)
+        return False
+
+    user = only_user(conv)
+    if user is None:
+        return None
+    if is_swap12(user, d + 2):  # channels-last view of the conv output
+        return user
+    if d > 1 and is_flatten2(user):
+        nxt = only_user(user)
+        if nxt is not None and is_swap12(nxt, 3):
+            return nxt
+    return None
+
+
+def _erase_chain(g, last: Node, stop: Node) -> None:
+    """Erase `last` and its inputs back to (not including) `stop` (they have no other users)."""
+    n = last
+    while n is not stop:
+        prev = n.args[0]
+        g.erase_node(n)
+        n = prev
 
 
 def _reportable(conv: nn.Module, problem: str) -> bool:

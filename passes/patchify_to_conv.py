@@ -13,6 +13,7 @@ rejected; the pass says so in its notes (checked by re-running the chain one pix
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -64,7 +65,13 @@ class PatchifyToConv(RewritePass):
                 continue
             conv = _make_conv(layout, weight, bias)
             _set_module(gm, path, conv)
+            merge = _grid_merge_user(node, layout)
+            if merge is not None:  # linear(...).flatten(1, d): emit the tokens layout directly
+                layout = dataclasses.replace(layout, token_groups=((0,), tuple(range(1, len(layout.kernel) + 1))))
             out = _emit(gm, node, chain.source, path, layout)
+            if merge is not None:
+                merge.replace_all_uses_with(out)
+                gm.graph.erase_node(merge)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
             remove_if_dead(gm, chain.chain[::-1])
@@ -144,6 +151,20 @@ def _looks_like_patchify(gm: GraphModule, chain: PatchChain, values: dict[Node, 
 
 # --- building the replacement ------------------------------------------------------------------
 
+def _grid_merge_user(linear: Node, layout: PatchLayout) -> Node | None:
+    """The Linear's only user when it is `flatten(1, d)` over a `[B, g1..gd, D]` output."""
+    d = len(layout.kernel)
+    plain = layout.token_order == tuple(range(d + 1)) and layout.token_groups == tuple((i,) for i in range(d + 1))
+    if not plain or d < 2 or len(linear.users) != 1:
+        return None
+    user = next(iter(linear.users))
+    is_flatten = (user.op == "call_method" and user.target == "flatten") or (
+        user.op == "call_function" and user.target is torch.flatten)
+    if is_flatten and not user.kwargs and tuple(user.args[1:]) == (1, d):
+        return user
+    return None
+
+
 def _make_conv(layout: PatchLayout, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     d = len(layout.kernel)
     out_features = weight.shape[0]
@@ -196,7 +217,8 @@ def _emit(gm: GraphModule, linear: Node, source: Node, path: str, layout: PatchL
         if plain:  # flatten the grid channels-first, then move channels last: flatten(2).transpose(1, 2)
             for group in reversed(groups[1:]):
                 if len(group) > 1:
-                    y = g.call_method("flatten", (y, group[0] + 1, group[-1] + 1))
+                    ends = (group[0] + 1,) if group[-1] == d else (group[0] + 1, group[-1] + 1)
+                    y = g.call_method("flatten", (y, *ends))
             rank = 1 + len(groups)
             if rank == 3:
                 y = g.call_method("transpose", (y, 1, 2))
