@@ -23,7 +23,8 @@ install: $(STAMP)
 demo: install
 	$(MIXFX) analyze examples/resnet_cnn.py
 	$(MIXFX) analyze examples/mlp_mixer.py
-	-$(MIXFX) rewrite examples/convnext_block.py --to conv -o $(OUT)/convnext_conv.pt
+	mkdir -p $(OUT)
+	$(MIXFX) rewrite examples/convnext_block.py --to conv -o $(OUT)/convnext_conv.pt
 
 ## test: the whole suite (installs everything it needs first)
 test: install

@@ -247,7 +247,7 @@ class _Analyser:
             seen.update(texts)
             if new:
                 rigid.append(self._structural(n, " and ".join(new), example_txt))
-        return rigid
+        return _merge_guards(rigid, example_txt)
 
     def _assert_module(self, n: torch.fx.Node) -> str | None:
         mod = module_path(n)
@@ -590,6 +590,19 @@ class _Analyser:
         return table
 
 
+def _merge_guards(rigid: list[RigidNode], example_txt: str) -> list[RigidNode]:
+    """One entry per explicit size check site: `H == 224` and `W == 224` at `stem` read as one."""
+    out: list[RigidNode] = []
+    for r in rigid:
+        prev = out[-1] if out else None
+        if prev is not None and r.kind == prev.kind == "guarded" and r.module == prev.module:
+            prev.condition = f"{prev.condition} and {r.condition}"
+            prev.reason = f"explicit size check: requires {prev.condition} (the input must be {example_txt})"
+            continue
+        out.append(r)
+    return out
+
+
 def _has_param(gm: nn.Module, target: str) -> bool:
     try:
         gm.get_parameter(target)
@@ -610,9 +623,13 @@ def _map_nodes(value: Any, values: dict[str, Any]) -> Any:
 
 def _summary(r: AnalysisReport) -> str:
     if r.classification == "fixed":
-        first = r.rigid_nodes[0]
-        where = f"`{first.module or first.node}`"
-        return f"fixed-resolution: polymorphism breaks at {where} ({first.op}): {first.reason}."
+        structural = [n for n in r.rigid_nodes if n.kind == "structural"]
+        guarded = [n for n in r.rigid_nodes if n.kind == "guarded"]
+        first = (structural or guarded)[0]
+        text = f"fixed-resolution: polymorphism breaks at `{first.module or first.node}` ({first.op}): {first.reason}."
+        if structural and guarded:
+            text += f" An explicit size check at `{guarded[0].module or guarded[0].node}` also pins the input."
+        return text
     if r.classification == "polymorphic":
         m = r.global_mixing[0]
         return (f"shape-polymorphic but not convolutional: global mixing at `{m.module or m.node}` ({m.op}): "

@@ -22,7 +22,8 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
     info.add_column()
     info.add_row("model", f"{report.model}  (input {'x'.join(map(str, report.input_shape))}, traced by {report.tracer})")
     info.add_row("output", ", ".join("[" + ", ".join(o) + "]" for o in report.outputs) or "-")
-    info.add_row("head", f"{report.head.module or report.head.node} ({report.head.op}, node {report.head.node})"
+    info.add_row("head", f"{report.head.module or report.head.node} ({report.head.op}"
+                 f"{', top level' if not report.head.module else ''}, node {report.head.node})"
                  if report.head else ("none: the output is spatial" if report.fully_convolutional else "-"))
     info.add_row("constraints", "; ".join(report.constraints) or "none found")
     checks = []
@@ -35,20 +36,24 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
     console.print(Panel(Group(*lines), title="mixfx analyze", expand=False))
 
     if report.rigid_nodes:
-        t = Table(title="Where polymorphism breaks", title_justify="left")
-        for col in ("node", "module", "op", "kind", "reason", "cure"):
-            t.add_column(col, overflow="fold")
-        for r in report.rigid_nodes:
-            t.add_row(r.node, r.module or "-", r.op, r.kind, r.reason, r.cure or "-")
-        console.print(t)
+        console.print(Text("Where polymorphism breaks", style="bold"))
+        for i, r in enumerate(report.rigid_nodes, 1):
+            style = STATUS_STYLE["rigid" if r.kind == "structural" else "guarded"]
+            console.print(Text.assemble(f" {i}. ", (r.module or r.node, style), f"  {r.op}, {r.kind}",
+                                        (f"  (node {r.node}{', found by a concrete run' if r.source == 'concrete' else ''})", "dim")))
+            console.print(f"    {r.reason}", highlight=False)
+            if r.cure:
+                console.print(f"    [dim]cure:[/] {r.cure}", highlight=False)
     if report.global_mixing:
         t = Table(title="Global mixing (not local, so not convolutional)", title_justify="left")
-        for col in ("node", "module", "op", "reason"):
+        for col in ("modules", "op", "reason"):
             t.add_column(col, overflow="fold")
-        for m in report.global_mixing[:8]:
-            t.add_row(m.node, m.module or "-", m.op, m.reason)
-        if len(report.global_mixing) > 8:
-            t.add_row("...", f"{len(report.global_mixing) - 8} more", "", "")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for m in report.global_mixing:
+            groups.setdefault((m.op, m.reason), []).append(m.module or m.node)
+        for (op, reason), mods in groups.items():
+            shown = ", ".join(mods[:2]) + (f", ... ({len(mods)} nodes)" if len(mods) > 2 else "")
+            t.add_row(shown, op, reason)
         console.print(t)
     for d in report.disagreements:
         console.print(f"[bold magenta]disagreement:[/] {d}")
