@@ -233,7 +233,7 @@ def remove_if_dead(gm: GraphModule, nodes: Iterable[Node]) -> None:
     stack = list(nodes)
     while stack:
         n = stack.pop()
-        if n.graph is not gm.graph or n.users or n.op in ("placeholder", "output"):
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output"):
             continue
         if n.op == "call_function" and n.target in (torch._assert,):
             continue
