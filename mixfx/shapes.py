@@ -119,6 +119,26 @@ class _PropagationInterpreter(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.current: torch.fx.Node | None = None
         self.skipped_asserts: dict[str, Any] = {}
+        self._shape_cache: dict[Any, torch.Tensor] = {}
+
+    def _dense_or_norm_shape(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Linear/LayerNorm output without the decomposed matmul/normalisation: the same size
+        check the kernel makes (so a token-mixing Linear still records its `Eq(tokens, 196)`
+        guard). Outputs of one shape are shared: building a fake tensor with symbolic sizes is the
+        expensive part of a symbolic run."""
+        if isinstance(mod, nn.Linear):
+            if x.dim() == 0 or x.shape[-1] != mod.in_features:
+                raise RuntimeError(f"Linear expects {mod.in_features} input features, got shape {list(x.shape)}")
+            if mod.out_features == mod.in_features:
+                return x
+            key = (tuple(str(d) for d in x.shape[:-1]), mod.out_features, x.dtype, x.device)
+            if key not in self._shape_cache:
+                self._shape_cache[key] = x.new_empty((*x.shape[:-1], mod.out_features))
+            return self._shape_cache[key]
+        k = len(mod.normalized_shape)
+        if x.dim() < k or any(a != b for a, b in zip(x.shape[-k:], mod.normalized_shape)):
+            raise RuntimeError(f"LayerNorm over {list(mod.normalized_shape)} got shape {list(x.shape)}")
+        return x
 
     def is_check(self, n: torch.fx.Node) -> bool:
         if n.op == "call_function":
@@ -140,25 +160,14 @@ class _PropagationInterpreter(torch.fx.Interpreter):
                 if isinstance(x, torch.Tensor):
                     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and x.shape[1] != mod.num_features:
                         raise RuntimeError(f"{type(mod).__name__} expects {mod.num_features} channels, got {x.shape[1]}")
-                    return torch.empty_like(x)
+                    # Only shapes matter here, and a new fake tensor with symbolic sizes costs a
+                    # symbolic stride computation: pass the input through.
+                    return x
             if isinstance(mod, (nn.Linear, nn.LayerNorm)) and len(n.args) == 1 and not n.kwargs:
                 (x,) = self.fetch_args_kwargs_from_env(n)[0]
                 if isinstance(x, torch.Tensor):
-                    return _dense_or_norm_shape(mod, x)
+                    return self._dense_or_norm_shape(mod, x)
         return super().run_node(n)
-
-
-def _dense_or_norm_shape(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Linear/LayerNorm output without the decomposed matmul/normalisation: the same size check
-    the kernel makes (so a token-mixing Linear still records its `Eq(tokens, 196)` guard)."""
-    if isinstance(mod, nn.Linear):
-        if x.dim() == 0 or x.shape[-1] != mod.in_features:
-            raise RuntimeError(f"Linear expects {mod.in_features} input features, got shape {list(x.shape)}")
-        return x.new_empty((*x.shape[:-1], mod.out_features))
-    k = len(mod.normalized_shape)
-    if x.dim() < k or any(a != b for a, b in zip(x.shape[-k:], mod.normalized_shape)):
-        raise RuntimeError(f"LayerNorm over {list(mod.normalized_shape)} got shape {list(x.shape)}")
-    return torch.empty_like(x)
 
 
 def _meta_state(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
