@@ -24,6 +24,9 @@ def annotate_example_inputs(gm: GraphModule, example_inputs: torch.Tensor | Sequ
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         node.meta[EXAMPLE_KEY] = value
+    for node in placeholders[len(example_inputs):]:
+        if node.args:  # an argument with a default value (timm's ViT: attn_mask=None)
+            node.meta[EXAMPLE_KEY] = node.args[0]
 
 
 def clear_example_inputs(gm: GraphModule) -> None:
