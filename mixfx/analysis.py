@@ -315,27 +315,32 @@ class _Analyser:
 
     # -- concrete sizes -------------------------------------------------------------------------
     def _other_sizes(self, constraints: list[GuardMeaning]) -> list[tuple[int, ...]]:
-        """Two sizes with H != W that satisfy the non-pinning constraints."""
+        """Two sizes with H != W, near 1.25x/0.875x and 0.75x/1.125x of the example, that satisfy
+        every non-pinning guard at once (searched with the guards' own predicates)."""
+        from mixfx.formulas import predicate
+
         if not self.dim_names:
             return []
-        steps = {n: lcm([m.modulus for m in constraints if m.kind == "divisible" and n in m.symbols and m.modulus])
-                 for n in self.dim_names}
-        mins = {n: max([m.bound for m in constraints if m.kind == "min_size" and n in m.symbols and m.bound] or [1])
-                for n in self.dim_names}
+        exprs = {str(m.expr): m.expr for m in constraints if m.kind != "fixed" and m.expr is not None}
+        preds = [predicate(e, self.symbols) for e in exprs.values()]
+
+        def ok(sizes: dict[str, int]) -> bool:
+            return all(p(**sizes) for p in preds)
+
         sizes = []
         for factors in ((1.25, 0.875, 1.125), (0.75, 1.125, 0.875)):
-            dims = []
+            dims = dict(self.example_sizes)
             for i, name in enumerate(self.dim_names):
-                f = factors[i % len(factors)]
-                step = max(steps[name], 1)
                 ex = self.example_sizes[name]
-                v = max(int(round(ex * f / step)) * step, mins[name], step)
-                if v == ex:
-                    v += step
-                dims.append(v)
-            if len(dims) >= 2 and dims[0] == dims[1]:
-                dims[1] += max(steps[self.dim_names[1]], 1)
-            sizes.append((*self.example[:2], *dims))
+                target = max(int(round(ex * factors[i % len(factors)])), 2)
+                taken = {dims[n] for n in self.dim_names[:i]} | {ex}
+                for delta in range(0, 4 * ex):
+                    cands = [c for c in (target + delta, target - delta) if c >= 2 and c not in taken]
+                    hit = next((c for c in cands if ok({**dims, name: c})), None)
+                    if hit is not None:
+                        dims[name] = hit
+                        break
+            sizes.append((*self.example[:2], *(dims[n] for n in self.dim_names)))
         return sizes
 
     # -- spatial dependence, head, global mixing ---------------------------------------------------
@@ -508,49 +513,53 @@ class _Analyser:
                              list(run.failed_asserts), expected)
 
     def _confirm_constraints(self, constraints: list[GuardMeaning], fixed: bool) -> tuple[list[str], list[str]]:
-        """Drop guards that are not input constraints: a size that violates only that guard (all
-        else as in the example) still runs. The survivors are summarised per dim."""
-        from mixfx.formulas import summarise_domain
+        """Keep a guard as an input constraint only if a size that violates it *and satisfies
+        every other guard* fails to run. A guard no such size exists for is implied by the others
+        (dropped as redundant); one whose violating size runs is a branch taken at the example
+        size, not a requirement. The survivors are summarised per dim."""
+        from mixfx.formulas import WINDOW, predicate, summarise_domain
 
-        kept: list[GuardMeaning] = []
+        guards = [m for m in constraints if m.kind != "fixed" and m.expr is not None]
+        unique = list({str(m.expr): m for m in guards}.values())
+        kept: list[GuardMeaning] = list(unique)
         dropped: list[str] = []
-        runs = 0
-        for m in constraints:
-            if m.kind == "fixed":
-                continue  # reported with the rigid node
-            size = None if fixed else self._violating_size(m)
-            if size is None or runs >= 12:
-                kept.append(m)
-                continue
-            runs += 1
-            run = propagate_concrete(self.gm, size)
-            if run.ok and not run.failed_asserts:
-                dropped.append(f"{m.text} (the model runs at {'x'.join(map(str, size[2:]))})")
-            else:
-                kept.append(m)
-        one_dim = [m for m in kept if m.expr is not None and m.kind in ("divisible", "min_size", "max_size", "other")
-                   and (len(m.symbols) == 1 or m.kind != "other")]
-        texts = summarise_domain(list({str(m.expr): m.expr for m in one_dim}.values()), self.symbols, self.example_sizes)
+        if not fixed:
+            runs = 0
+            # most complex first: a tangle of reshape guards is dropped as implied by the simple
+            # divisibility it encodes, not the other way round
+            for m in sorted(unique, key=lambda g: -len(str(g.expr))):
+                others = [predicate(o.expr, self.symbols) for o in kept if o is not m]
+                mine = predicate(m.expr, self.symbols)
+                size = self._counterexample(mine, others, m.symbols, WINDOW)
+                if size is None:
+                    kept.remove(m)
+                    continue
+                if runs >= 12:
+                    continue
+                runs += 1
+                run = propagate_concrete(self.gm, size)
+                if run.ok and not run.failed_asserts:
+                    kept.remove(m)
+                    dropped.append(f"{m.text} (the model runs at {'x'.join(map(str, size[2:]))})")
+        one_dim = [m for m in kept if len(m.symbols) == 1 or m.kind != "other"]
+        texts = summarise_domain([m.expr for m in one_dim], self.symbols, self.example_sizes)
         texts += [m.text for m in kept if m not in one_dim]
         return list(dict.fromkeys(texts)), dropped
 
-    def _violating_size(self, m: GuardMeaning) -> tuple[int, ...] | None:
-        if m.counterexample and m.kind in ("other", "divisible", "max_size"):
-            return (*self.example[:2], *(m.counterexample[n] for n in self.dim_names))
-        name = m.symbols[0]
-        i = self.dim_names.index(name)
-        ex = self.example_sizes[name]
-        if m.kind == "min_size" and m.bound:
-            v = m.bound - 1
-            if v < 1:
-                return None
-        elif m.kind == "divisible" and m.modulus:
-            v = ex + 1 if (ex + 1) % m.modulus else ex + 2
-        else:
+    def _counterexample(self, mine, others, dims, window: int) -> tuple[int, ...] | None:
+        """The size nearest the example (one dim varied) where `mine` fails and all `others` hold."""
+        best = None
+        for name in dims:
+            ex = self.example_sizes[name]
+            for x in sorted(range(2, ex + 2 * window), key=lambda v: abs(v - ex)):
+                sizes = {**self.example_sizes, name: x}
+                if not mine(**sizes) and all(o(**sizes) for o in others):
+                    if best is None or abs(x - ex) < best[0]:
+                        best = (abs(x - ex), sizes)
+                    break
+        if best is None:
             return None
-        dims = list(self.example)
-        dims[2 + i] = v
-        return tuple(dims)
+        return (*self.example[:2], *(best[1][n] for n in self.dim_names))
 
     # -- outputs & node table ------------------------------------------------------------------
     def _outputs(self) -> list[list[str]]:

@@ -283,7 +283,7 @@ def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> Gu
         if residues == [0]:
             return GuardMeaning("divisible", f"{name} % {k} == 0", (name,), modulus=k)
         q = len(residues)
-        if residues == list(range(q)) and k % q == 0:
+        if q and residues == list(range(q)) and k % q == 0:
             return GuardMeaning("divisible", f"({name}//{q}) % {k // q} == 0", (name,), modulus=k)
         return GuardMeaning("other", rel, (name,), modulus=k)
     if not any(vals):

@@ -144,14 +144,15 @@ class _PropagationInterpreter(torch.fx.Interpreter):
         if n.op == "call_function":
             return is_assert_target(n.target)
         if n.op == "call_module":
-            return str(n.target) == "_guards_fn"
+            return str(n.target) == "_guards_fn"  # torch.export's input-guard check
         return False
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current = n
         if self.is_check(n):
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            self.skipped_asserts[n.name] = args[0] if args else None
+            if n.op == "call_function":
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                self.skipped_asserts[n.name] = args[0] if args else None
             return None
         if n.op == "call_module":
             mod = self.fetch_attr(str(n.target))
@@ -242,9 +243,17 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
             node = interp.current.name if interp.current is not None else "?"
             run.failure = NodeFailure(node, _short(exc), classify_exception(exc))
     for name, cond in interp.skipped_asserts.items():
-        if isinstance(cond, (bool, torch.Tensor)) and not bool(cond):
+        if _is_false(cond):
             run.failed_asserts.append(name)
     return run
+
+
+def _is_false(cond: Any) -> bool:
+    if isinstance(cond, bool):
+        return not cond
+    if isinstance(cond, torch.Tensor) and cond.numel() == 1 and not cond.is_meta:
+        return not bool(cond)
+    return False
 
 
 def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> SymbolicRun:
