@@ -282,6 +282,14 @@ class _Analyser:
             reason = (f"{what} over {width} tokens = {dim}: a fixed-size weight mixes along a spatial dim, so the "
                       f"input must satisfy {condition} (e.g. {example_txt})")
             cure = "None short of changing the architecture: token mixing over a fixed token count is what makes it fixed."
+        elif op in ("aten.linear", "linear") and len(n.args) > 1 and isinstance(n.args[1], torch.fx.Node) \
+                and n.args[1].op == "get_attr" and _tensors(in_val):
+            weight = self.gm.get_parameter(str(n.args[1].target)) if _has_param(self.gm, str(n.args[1].target)) else None
+            width = weight.shape[1] if weight is not None else "?"
+            dim = _format_dim(_tensors(in_val)[0].shape[-1], self.symbols)
+            reason = (f"Linear over {width} positions = {dim}: a fixed-size weight mixes along a spatial dim, so the "
+                      f"input must satisfy {condition} (e.g. {example_txt})")
+            cure = "None short of changing the architecture: mixing over a fixed number of positions is what makes it fixed."
         elif any(a.op == "get_attr" for a in n.all_input_nodes) and op in ("add", "aten.add", "mul", "aten.mul", "iadd"):
             param = next(a for a in n.all_input_nodes if a.op == "get_attr")
             p = self.gm.get_parameter(str(param.target)) if _has_param(self.gm, str(param.target)) else None

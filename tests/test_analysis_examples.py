@@ -150,3 +150,36 @@ def test_every_node_formula_matches_concrete_shapes(name, example_report):
         assert tuple(got) == shape, (node.name, node.shape, shape)
         checked += 1
     assert checked > 10
+
+
+SHAPE_BRANCH_MODEL = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.tok = nn.Linear(64, 64)
+        self.head = nn.Linear(8, 10)
+    def forward(self, x):
+        if x.shape[-1] % 2 == 1:  # fx cannot trace this; torch.export can
+            x = F.pad(x, (0, 1))
+        x = self.conv(x).flatten(2)
+        x = self.tok(x)
+        return self.head(x.mean(-1))
+def build_model():
+    return Net()
+INPUT_SHAPE = (1, 3, 8, 8)
+'''
+
+
+def test_export_fallback_still_names_the_module(tmp_path):
+    path = tmp_path / "shape_branch.py"
+    path.write_text(SHAPE_BRANCH_MODEL)
+    loaded = load_model(str(path))
+    r = analyze(loaded.module, loaded.example_input)
+    assert r.tracer == "export"
+    assert any("shape_branch.py:10" in n for n in r.notes)
+    (rigid,) = r.rigid_nodes
+    assert rigid.module == "tok" and rigid.op == "aten.linear"
+    assert rigid.condition == "H*W == 64"
+    assert "Linear over 64 positions = H*W" in rigid.reason
