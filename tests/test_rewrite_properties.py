@@ -171,7 +171,7 @@ def _check(model, x, to):
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(ops=OPS, h=st.integers(3, 4), w=st.integers(5, 6))
 def test_random_stacks_to_conv(ops, h, w):
     model, x = _build(ops, h, w)
@@ -181,7 +181,7 @@ def test_random_stacks_to_conv(ops, h, w):
     assert not left, f"Linear left after --to conv: {left}"
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(ops=OPS, h=st.integers(3, 4), w=st.integers(5, 6))
 def test_random_stacks_to_linear(ops, h, w):
     model, x = _build(ops, h, w)
@@ -194,7 +194,7 @@ def test_random_stacks_to_linear(ops, h, w):
                 assert why_not_pointwise(mod) is not None, f"1x1 conv left after --to linear: {n.target}"
 
 
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(ops=OPS, h=st.integers(3, 4), w=st.integers(5, 6))
 def test_random_stacks_round_trip(ops, h, w):
     model, x = _build(ops, h, w)
