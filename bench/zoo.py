@@ -1,0 +1,457 @@
+"""The real-model corpus: mixfx's analyser and both rewrites over timm's model registry (issue 5).
+
+    python bench/zoo.py --family-sample --jobs 2          # smallest model of every timm family
+    python bench/zoo.py --all --jobs 2 --timeout 300      # the whole registry
+    python bench/zoo.py --models resnet18,vit_tiny_patch16_224   # a hand-picked list
+    python bench/zoo.py --summary-only                    # rebuild the markdown from the CSV
+
+For each architecture (random weights, nothing downloaded), in its own forked process with a
+timeout (a crash or hang only loses that row):
+1. build on the meta device, trace + analyse (tracer, class, rigid nodes, head, constraints, time);
+2. concrete confirmation, the ground truth: real forwards on CPU (batch 1, random weights) at the
+   default size and two other sizes with H != W (~1.25H x 0.875W, ~0.75H x 1.125W, multiples of 32),
+   for models up to --forward-limit parameters. "fixed" must fail at one of the other sizes,
+   "convolutional"/"polymorphic" must run at both;
+3. `mixfx.rewrite(--to conv)` and `(--to linear)` with numeric verification, for models up to
+   --rewrite-limit parameters;
+recording time and the growth of peak RSS of each step. Rows are appended to bench/results/zoo.csv
+as they finish (re-running skips the names already there: resumable); bench/results/zoo_summary.md
+is rebuilt at the end (per family and overall).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (RESULTS, build_timm, families, family_candidates, maxrss_mb, n_params,  # noqa: E402
+                     other_sizes, quantile, timed, timm_input_shape)
+
+CSV_PATH = RESULTS / "zoo.csv"
+MD_PATH = RESULTS / "zoo_summary.md"
+
+FIELDS = [
+    "name", "family", "params_m", "status", "error_stage", "error",
+    "tracer", "trace_attempts", "classification", "fully_convolutional", "n_rigid", "rigid", "head",
+    "constraints", "output_shape", "internal_disagreements",
+    "build_meta_s", "analysis_s", "analysis_mb",
+    "concrete", "concrete_runs", "concrete_verdict", "agrees", "concrete_s", "concrete_mb",
+    "conv_status", "conv_changes", "conv_skipped", "conv_linear_before", "conv_linear_after",
+    "conv_max_abs_err", "conv_s", "conv_mb", "conv_error",
+    "linear_status", "linear_changes", "linear_skipped", "linear_conv1x1_before", "linear_conv1x1_after",
+    "linear_max_abs_err", "linear_s", "linear_mb", "linear_error",
+    "peak_rss_mb", "total_s",
+]
+
+
+def _short(exc: BaseException, n: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("\r", " ")
+    return text[:n]
+
+
+def _count(module, kind: str) -> int:
+    import torch.nn as nn
+
+    if kind == "linear":
+        return sum(isinstance(m, nn.Linear) for m in module.modules())
+    return sum(isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) for m in module.modules())
+
+
+# ----------------------------------------------------------------------------- one model (child)
+def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
+    """Everything for one architecture. `candidates` (family-sample mode): pick the one with the
+    fewest parameters, counted on the meta device."""
+    import torch
+
+    torch.set_num_threads(1)
+    import mixfx
+
+    row: dict = {"name": name, "family": family, "status": "ok"}
+    t_start = time.perf_counter()
+    stage = "build"
+    try:
+        with timed(row, "build_meta"):
+            if candidates:
+                best = None
+                for cand in candidates:
+                    try:
+                        m = build_timm(cand, meta=True)
+                    except Exception:  # noqa: BLE001
+                        continue
+                    p = n_params(m)
+                    if best is None or p < best[0]:
+                        best = (p, cand, m)
+                if best is None:
+                    raise RuntimeError(f"none of {candidates} builds")
+                _, name, model = best
+                row["name"] = name
+            else:
+                model = build_timm(name, meta=True)
+        params = n_params(model)
+        row["params_m"] = round(params / 1e6, 3)
+        shape = timm_input_shape(model)
+        x_meta = torch.empty(shape, device="meta")
+
+        stage = "analysis"
+        with timed(row, "analysis"):
+            rep = mixfx.analyze(model, x_meta, name=name)
+        row["tracer"] = rep.tracer
+        row["trace_attempts"] = " | ".join(a.replace("\n", " ")[:160] for a in getattr(rep, "notes", [])
+                                           if a.startswith("Tracer fallback"))[:400]
+        row["classification"] = rep.classification
+        row["fully_convolutional"] = rep.fully_convolutional
+        row["n_rigid"] = len(rep.rigid_nodes)
+        row["rigid"] = "; ".join(f"{r.module or r.node}|{r.op}|{r.kind}" for r in rep.rigid_nodes)[:600]
+        row["head"] = f"{rep.head.module or rep.head.node}|{rep.head.op}" if rep.head else ""
+        row["constraints"] = "; ".join(map(str, rep.constraints))[:400]
+        row["output_shape"] = str(rep.output_shape)[:200]
+        row["internal_disagreements"] = " | ".join(map(str, rep.disagreements))[:400]
+        del model
+
+        # ---- concrete confirmation (ground truth)
+        stage = "concrete"
+        real = None
+        if params > opts["forward_limit"]:
+            row["concrete"] = f"skipped (> {opts['forward_limit'] / 1e6:g}M params)"
+        else:
+            with timed(row, "concrete"):
+                torch.manual_seed(0)
+                real = build_timm(name, meta=False)
+                runs = []
+                sizes = [shape] + other_sizes(shape)
+                oks = []
+                for i, s in enumerate(sizes):
+                    try:
+                        with torch.no_grad():
+                            real(torch.randn(s))
+                        oks.append(True)
+                        runs.append(f"{s[2]}x{s[3]}:ok")
+                    except Exception as exc:  # noqa: BLE001
+                        oks.append(False)
+                        runs.append(f"{s[2]}x{s[3]}:fail({_short(exc, 80)})")
+                row["concrete_runs"] = "; ".join(runs)
+            if not oks[0]:
+                row["concrete"] = "default size failed"
+            else:
+                row["concrete"] = "ran"
+                verdict = "runs_all" if all(oks[1:]) else ("fails_all" if not any(oks[1:]) else "fails_some")
+                row["concrete_verdict"] = verdict
+                expect_fixed = rep.classification == "fixed"
+                row["agrees"] = (verdict != "runs_all") if expect_fixed else (verdict == "runs_all")
+
+        # ---- rewrites
+        for target, key, counted in (("conv", "conv", "linear"), ("linear", "linear", "conv1x1")):
+            stage = f"rewrite_{target}"
+            if params > opts["rewrite_limit"] or real is None or row.get("concrete") != "ran":
+                row[f"{key}_status"] = (f"skipped (> {opts['rewrite_limit'] / 1e6:g}M params)"
+                                        if params > opts["rewrite_limit"] else "skipped (no runnable model)")
+                continue
+            before_name = f"{key}_{counted}_before"
+            after_name = f"{key}_{counted}_after"
+            row[before_name] = _count(real, counted)
+            try:
+                with timed(row, key):
+                    res = mixfx.rewrite(real, to=target, example_input=torch.randn(shape), analyze=False)
+                row[f"{key}_status"] = "verified" if res.verification.passed else "MISMATCH"
+                row[f"{key}_changes"] = len(res.changes)
+                row[f"{key}_skipped"] = len(res.skipped)
+                row[after_name] = _count(res.module, counted)
+                row[f"{key}_max_abs_err"] = f"{res.verification.max_abs_err:.3g}"
+                if res.skipped:
+                    reasons = sorted({s.reason[:90] for s in res.skipped})
+                    row[f"{key}_error"] = ("skipped: " + " / ".join(reasons))[:300]
+            except Exception as exc:  # noqa: BLE001
+                vname = type(exc).__name__
+                row[f"{key}_status"] = "verify_failed" if vname == "VerificationError" else "error"
+                row[f"{key}_error"] = _short(exc)
+                res = getattr(exc, "result", None)
+                if res is not None and res.verification is not None:
+                    row[f"{key}_max_abs_err"] = f"{res.verification.max_abs_err:.3g}"
+                    row[f"{key}_changes"] = len(res.changes)
+    except Exception as exc:  # noqa: BLE001
+        row["status"] = "error"
+        row["error_stage"] = stage
+        row["error"] = _short(exc, 400)
+        if opts.get("debug"):
+            traceback.print_exc()
+    row["peak_rss_mb"] = round(maxrss_mb(), 1)
+    row["total_s"] = round(time.perf_counter() - t_start, 3)
+    return row
+
+
+def _child(conn, name, family, candidates, opts):
+    try:
+        row = run_one(name, family, candidates, opts)
+    except BaseException as exc:  # noqa: BLE001
+        row = {"name": name, "family": family, "status": "error", "error_stage": "worker", "error": _short(exc)}
+    conn.send(row)
+    conn.close()
+
+
+# ----------------------------------------------------------------------------- driver
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in FIELDS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_all(tasks: list[tuple[str, str, list[str]]], jobs: int, timeout: float, opts: dict, out: Path) -> None:
+    """tasks: (name, family, candidates). One forked process per task, at most `jobs` at a time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    ctx = mp.get_context("fork")
+    pending = list(tasks)
+    running: dict = {}  # proc -> (conn, task, t0)
+    with Progress(TextColumn("[bold]zoo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.description}")) as bar:
+        tid = bar.add_task("", total=len(tasks))
+        while pending or running:
+            while pending and len(running) < jobs:
+                task = pending.pop(0)
+                parent, child = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_child, args=(child, *task, opts), daemon=True)
+                p.start()
+                child.close()
+                running[p] = (parent, task, time.perf_counter())
+            time.sleep(0.05)
+            for p in list(running):
+                conn, task, t0 = running[p]
+                row = None
+                if conn.poll():
+                    try:
+                        row = conn.recv()
+                    except EOFError:
+                        row = None
+                    p.join(5)
+                    if row is None:
+                        row = {"status": "crash", "error_stage": "worker", "error": f"worker died (exit {p.exitcode})"}
+                elif not p.is_alive():
+                    p.join()
+                    row = {"status": "crash", "error_stage": "worker",
+                           "error": f"worker died without a result (exit code {p.exitcode})"}
+                elif time.perf_counter() - t0 > timeout:
+                    p.kill()
+                    p.join()
+                    row = {"status": "timeout", "error_stage": "worker", "error": f"timeout after {timeout:g}s"}
+                if row is None:
+                    continue
+                row.setdefault("name", task[0])
+                row.setdefault("family", task[1])
+                row.setdefault("total_s", round(time.perf_counter() - t0, 2))
+                _append(out, row)
+                conn.close()
+                del running[p]
+                bar.update(tid, advance=1, description=f"{row['name']}: {row.get('classification') or row['status']}")
+
+
+# ----------------------------------------------------------------------------- summary
+def _f(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100.0 * a / b:.1f}% ({a}/{b})" if b else "n/a"
+
+
+def summarise(rows: list[dict], wall_s: float | None, mode: str) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    fams = sorted({r["family"] for r in rows})
+    fam_ok = sorted({r["family"] for r in ok})
+    checked = [r for r in ok if r.get("concrete") == "ran"]
+    agree = [r for r in checked if r.get("agrees") == "True"]
+    an_times = [_f(r["analysis_s"]) for r in ok if _f(r.get("analysis_s")) is not None]
+    lines = [f"<!-- wall_s={wall_s or 0:.1f} -->", f"# mixfx zoo results ({mode})", "",
+             "Generated by `bench/zoo.py` (timm 1.0.31, torch 2.14.1 CPU, random weights, nothing downloaded). "
+             "Raw rows: [`zoo.csv`](zoo.csv). Concrete confirmation = real CPU forwards at the default size and two "
+             "other sizes with H != W; a `fixed` verdict must fail at one of them, `convolutional`/`polymorphic` "
+             "must run at both.", ""]
+    lines += ["## Overall", "", "| metric | value | target |", "|---|---|---|"]
+    lines.append(f"| models | {len(rows)} ({len(fams)} families) | |")
+    lines.append(f"| trace + analysis succeeded (models) | {_pct(len(ok), len(rows))} | |")
+    lines.append(f"| trace + analysis succeeded (families, every model OK) | "
+                 f"{_pct(sum(all(r['status'] == 'ok' for r in rows if r['family'] == f) for f in fams), len(fams))} | >= 97% |")
+    lines.append(f"| verdict agrees with concrete multi-size forward | {_pct(len(agree), len(checked))} | >= 98% |")
+    skipped_c = [r for r in ok if str(r.get("concrete", "")).startswith("skipped")]
+    failed_c = [r for r in ok if r.get("concrete") == "default size failed"]
+    lines.append(f"| concrete check skipped (too large) / default size failed eagerly | {len(skipped_c)} / {len(failed_c)} | |")
+    for key, label in (("conv", "--to conv"), ("linear", "--to linear")):
+        tried = [r for r in ok if r.get(f"{key}_status") and not r[f"{key}_status"].startswith("skipped")]
+        ver = [r for r in tried if r[f"{key}_status"] == "verified"]
+        silent = [r for r in tried if r[f"{key}_status"] == "MISMATCH"]
+        vf = [r for r in tried if r[f"{key}_status"] == "verify_failed"]
+        err = [r for r in tried if r[f"{key}_status"] == "error"]
+        lines.append(f"| {label}: verified-equivalent / caught mismatch (VerificationError) / pass error / silent mismatch "
+                     f"| {len(ver)} / {len(vf)} / {len(err)} / {len(silent)} of {len(tried)} | zero silent |")
+    with_lin = [r for r in ok if (r.get("conv_linear_before") or "0") not in ("", "0")
+                and r.get("conv_status") == "verified"]
+    full = [r for r in with_lin if r.get("conv_linear_after") == "0"]
+    lines.append(f"| --to conv rewrites every nn.Linear (families with a Linear, verified) | {_pct(len(full), len(with_lin))} | >= 90% |")
+    if an_times:
+        lines.append(f"| analysis time per model: median / p90 / max | {statistics.median(an_times):.2f} s / "
+                     f"{quantile(an_times, 0.9):.2f} s / {max(an_times):.2f} s | median < 0.5 s |")
+    tot = [_f(r.get("total_s")) for r in rows if _f(r.get("total_s")) is not None]
+    if tot:
+        lines.append(f"| all steps per model: median / p90 | {statistics.median(tot):.1f} s / {quantile(tot, 0.9):.1f} s | |")
+    if wall_s is not None:
+        lines.append(f"| wall time of this run | {wall_s:.0f} s | sample < 300 s, all < 1800 s |")
+    lines.append("")
+    classes: dict[str, int] = {}
+    for r in ok:
+        classes[r["classification"]] = classes.get(r["classification"], 0) + 1
+    lines.append("Verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + ".")
+    tracers: dict[str, int] = {}
+    for r in ok:
+        tracers[r["tracer"]] = tracers.get(r["tracer"], 0) + 1
+    lines.append("Tracer that succeeded: " + ", ".join(f"{k} {v}" for k, v in sorted(tracers.items())) + ".")
+    lines.append("")
+
+    bad = [r for r in rows if r["status"] != "ok"]
+    lines += ["## Analysis failures", ""]
+    if bad:
+        lines += ["| model | family | stage | error |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['family']} | {r.get('error_stage', '')} | {(r.get('error') or '')[:200].replace('|', '/')} |"
+                  for r in bad]
+    else:
+        lines.append("None.")
+    lines += ["", "## Disagreements with the concrete check", ""]
+    dis = [r for r in checked if r.get("agrees") != "True"]
+    if dis:
+        lines += ["| model | mixfx verdict | rigid | concrete runs |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['classification']} | {(r.get('rigid') or '')[:150].replace('|', '/')} | "
+                  f"{(r.get('concrete_runs') or '')[:220].replace('|', '/')} |" for r in dis]
+    else:
+        lines.append("None.")
+    lines += ["", "## Rewrite problems", ""]
+    probs = [r for r in ok for k in ("conv", "linear") if r.get(f"{k}_status") in ("MISMATCH", "verify_failed", "error")]
+    seen = set()
+    rows_p = []
+    for r in probs:
+        for k in ("conv", "linear"):
+            if r.get(f"{k}_status") in ("MISMATCH", "verify_failed", "error") and (r["name"], k) not in seen:
+                seen.add((r["name"], k))
+                rows_p.append(f"| {r['name']} | --to {k} | {r[f'{k}_status']} | {(r.get(f'{k}_error') or '')[:200].replace('|', '/')} |")
+    if rows_p:
+        lines += ["| model | rewrite | status | error |", "|---|---|---|---|"] + rows_p
+    else:
+        lines.append("None.")
+
+    lines += ["", "## Per family", "",
+              "| family | model | params (M) | tracer | verdict | rigid (first) | head | agrees | --to conv | --to linear | analysis s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["name"])):
+        rigid_first = (r.get("rigid") or "").split(";")[0].replace("|", " ")
+        def rw(k):
+            s = r.get(f"{k}_status") or ""
+            if s == "verified":
+                return f"ok ({r.get(f'{k}_changes')} chg)"
+            return s.replace("skipped ", "skip ")[:24]
+        lines.append(f"| {r['family']} | {r['name']} | {r.get('params_m', '')} | {r.get('tracer', '')} | "
+                     f"{r.get('classification') or r['status']} | {rigid_first[:60]} | {(r.get('head') or '').replace('|', ' ')[:40]} | "
+                     f"{r.get('agrees', '')} | {rw('conv')} | {rw('linear')} | {r.get('analysis_s', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _warm_up() -> None:
+    """Import mixfx and analyse a tiny model once in the parent, so that every forked child starts
+    warm (imports, sympy caches), as a library user's second call does. Meta device only: no
+    compute threads are started before the fork."""
+    import torch
+    from torch import nn
+
+    import mixfx
+
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    mixfx.analyze(m, torch.empty(1, 3, 64, 64, device="meta"))
+
+
+def _prev_wall(md: Path) -> float | None:
+    """The wall time recorded by the previous (resumed) runs, kept in the markdown's first line."""
+    if not md.exists():
+        return None
+    m = re.search(r"<!-- wall_s=([0-9.]+) -->", md.read_text())
+    return float(m.group(1)) if m else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--family-sample", action="store_true", help="the smallest model of every timm family (default)")
+    g.add_argument("--all", action="store_true", help="every architecture in timm's registry")
+    g.add_argument("--models", help="comma-separated timm names")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    ap.add_argument("--forward-limit", type=float, default=60e6, help="parameters above which no real forward runs")
+    ap.add_argument("--rewrite-limit", type=float, default=30e6, help="parameters above which no rewrite runs")
+    ap.add_argument("--out", type=Path, default=None, help="CSV path (default bench/results/zoo.csv)")
+    ap.add_argument("--summary", type=Path, default=None, help="markdown path (default bench/results/zoo_summary.md)")
+    ap.add_argument("--fresh", action="store_true", help="start a new CSV instead of resuming")
+    ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N tasks (smoke test)")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(argv)
+    out = args.out or CSV_PATH
+    md = args.summary or MD_PATH
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mode = "--all" if args.all else ("--models" if args.models else "--family-sample")
+    if args.summary_only:
+        wall = _prev_wall(md)
+        md.write_text(summarise(_read_csv(out), wall, mode))
+        print(f"wrote {md}")
+        return 0
+    if args.fresh and out.exists():
+        out.unlink()
+    fams = families()
+    if args.models:
+        fam_of = {n: f for f, ns in fams.items() for n in ns}
+        tasks = [(n, fam_of.get(n, "?"), []) for n in args.models.split(",") if n]
+    elif args.all:
+        tasks = [(n, f, []) for f, ns in sorted(fams.items()) for n in ns]
+    else:
+        tasks = [(family_candidates(ns)[0], f, family_candidates(ns)) for f, ns in sorted(fams.items())]
+    done = _read_csv(out)
+    done_keys = {r["family"] for r in done} if mode == "--family-sample" else {r["name"] for r in done}
+    todo = [t for t in tasks if (t[1] if mode == "--family-sample" else t[0]) not in done_keys]
+    if args.limit:
+        todo = todo[: args.limit]
+    print(f"{len(tasks)} tasks, {len(tasks) - len(todo)} already in {out}, {len(todo)} to run with --jobs {args.jobs}")
+    _warm_up()
+    opts = {"forward_limit": args.forward_limit, "rewrite_limit": args.rewrite_limit, "debug": args.debug}
+    t0 = time.perf_counter()
+    run_all(todo, args.jobs, args.timeout, opts, out)
+    wall = time.perf_counter() - t0
+    total_wall = wall + (0.0 if args.fresh else (_prev_wall(md) or 0.0))
+    rows = _read_csv(out)
+    md.write_text(summarise(rows, total_wall, mode))
+    print(f"{len(todo)} models in {wall:.0f} s; wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
