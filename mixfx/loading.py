@@ -4,7 +4,10 @@ Accepted specs (see README "Model specs"):
 - `path/to/model.py`: the model is `--entry NAME` if given, else the first of `build_model()`,
   `create_model()`, `get_model()`, `model` (an instance) that the file defines, else the only
   nn.Module instance or zero-argument nn.Module subclass defined in the file. The example input is
-  `example_inputs()` (a tensor or a tuple of tensors) or `INPUT_SHAPE = (1, 3, 224, 224)`.
+  `example_inputs()` (a tensor or a tuple of tensors) or `INPUT_SHAPE = (1, 3, 224, 224)`. With
+  several inputs, the first floating tensor of rank >= 3 is the one analysed (its H, W vary); the
+  others are held at their example values (`hold_other_inputs`). A non-floating example (token
+  ids) is kept as given, so that the model runs and the analyser can say it has no spatial dims.
 - `path/to/model.pt`: a pickled nn.Module. Loaded with `weights_only=True` unless `trust=True`,
   because unpickling a full module can run arbitrary code.
 - `package.module:attr`: an importable factory (called with no arguments) or module instance.
@@ -83,6 +86,7 @@ def load_model(
         input_shape = parse_input_shape(input_shape)
     build_ctx = torch.device("meta") if meta else contextlib.nullcontext()
     declared: tuple[int, ...] | None = None
+    declared_tensors: _Declared | None = None
     declared_from = "default"
     source_path = None
     if spec.startswith(("timm:", "torchvision:")):
@@ -93,7 +97,7 @@ def load_model(
         module, name = _load_pickle(spec, trust), Path(spec).stem
     elif spec.endswith(".py") or os.sep in spec or Path(spec).exists():
         source_path = str(Path(spec).resolve())
-        module, declared, declared_from, name = _load_file(spec, entry, build_ctx)
+        module, declared, declared_from, name, declared_tensors = _load_file(spec, entry, build_ctx)
     elif ":" in spec:
         module, name = _load_import(spec, build_ctx), spec
     else:
@@ -110,7 +114,14 @@ def load_model(
     shape = tuple(input_shape) if input_shape else (declared or DEFAULT_INPUT_SHAPE)
     input_from = "--input" if input_shape else declared_from
     device = "meta" if meta else "cpu"
-    return LoadedModel(module, random_input(shape, device), name, spec, source_path, input_from)
+    example = random_input(shape, device)
+    if declared_tensors is not None:
+        given = declared_tensors.tensors[declared_tensors.index]
+        if not given.is_floating_point():  # token ids, masks: random floats would not even run
+            example = given.to(device) if tuple(given.shape) == shape else torch.zeros(shape, dtype=given.dtype, device=device)
+        if len(declared_tensors.tensors) > 1:
+            input_from += f" (input {declared_tensors.index + 1} of {len(declared_tensors.tensors)}; the others held at their example values)"
+    return LoadedModel(module, example, name, spec, source_path, input_from)
 
 
 def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, str]:
@@ -155,6 +166,7 @@ def _load_pickle(path: str, trust: bool) -> nn.Module:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as exc:  # noqa: BLE001
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = text.split(". ")[0].rstrip(".")
         if not trust and "weights_only" in str(exc):
             raise ModelLoadError(
                 f"{path} holds a pickled module, which is not loaded by default: unpickling can run arbitrary code.",
@@ -217,8 +229,11 @@ def _load_file(spec: str, entry: str | None, build_ctx):
             name = cands[0]
         obj = getattr(module, name)
     model = _instantiate(obj, f"{spec}:{name}", build_ctx)
-    declared, declared_from = _declared_input(module, spec)
-    return model, declared, declared_from, f"{path.stem}:{name}"
+    declared, declared_from, tensors = _declared_input(module, spec)
+    if isinstance(model, nn.Module) and tensors is not None and len(tensors.tensors) > 1:
+        device = "meta" if isinstance(build_ctx, torch.device) else "cpu"
+        model = hold_other_inputs(model, [t.to(device) for t in tensors.tensors], tensors.index)
+    return model, declared, declared_from, f"{path.stem}:{name}", tensors
 
 
 def _candidates(module) -> list[str]:
@@ -255,24 +270,69 @@ def _instantiate(obj: Any, where: str, build_ctx) -> nn.Module:
     return obj  # the caller reports "not an nn.Module"
 
 
-def _declared_input(module, spec: str) -> tuple[tuple[int, ...] | None, str]:
+def _declared_input(module, spec: str) -> tuple[tuple[int, ...] | None, str, "_Declared | None"]:
     if hasattr(module, "example_inputs"):
         try:
             value = module.example_inputs()
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(f"{spec}: example_inputs() raised {type(exc).__name__}: {exc}.", "Fix it or pass --input.") from exc
-        if isinstance(value, (tuple, list)):
-            if len(value) != 1:
-                raise InputSpecError(
-                    f"{spec}: example_inputs() returns {len(value)} inputs; mixfx analyses models with one image-like input.",
-                    "Wrap the model so that it takes one tensor, or pass --input.")
-            value = value[0]
         if isinstance(value, torch.Tensor):
-            return tuple(value.shape), "example_inputs()"
+            value = (value,)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            index = image_input_index(value)
+            declared = _Declared(tuple(value), index)
+            return tuple(value[index].shape), "example_inputs()", declared
+        raise InputSpecError(
+            f"{spec}: example_inputs() returned {type(value).__name__}, not a tensor or a tuple of tensors.",
+            "Return the example input(s) as tensors, or pass --input.")
     for attr in ("INPUT_SHAPE", "input_shape"):
         if hasattr(module, attr):
-            return tuple(int(d) for d in getattr(module, attr)), attr
-    return None, "default"
+            try:
+                return tuple(int(d) for d in getattr(module, attr)), attr, None
+            except (TypeError, ValueError) as exc:
+                raise InputSpecError(f"{spec}: {attr} = {getattr(module, attr)!r} is not a shape.",
+                                     "Write it as a tuple of ints, e.g. INPUT_SHAPE = (1, 3, 224, 224).") from exc
+    return None, "default", None
+
+
+@dataclass
+class _Declared:
+    """What example_inputs() returned: all the tensors, and which one is the analysed (image) input."""
+
+    tensors: tuple[torch.Tensor, ...]
+    index: int
+
+
+def image_input_index(tensors: Sequence[torch.Tensor]) -> int:
+    """The input that mixfx varies: the first floating tensor of rank >= 3, else the first one."""
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and t.dim() >= 3:
+            return i
+    return 0
+
+
+def hold_other_inputs(model: nn.Module, tensors: Sequence[torch.Tensor], index: int) -> nn.Module:
+    """Make a several-input `model` take only input `index`: the others are registered as buffers
+    (`_mixfx_held_<i>`) and passed at their example values. The class keeps its name, module and
+    submodule paths, so reports read as for the original model."""
+    cls = type(model)
+    names: list[str | None] = []
+    for i, t in enumerate(tensors):
+        if i == index:
+            names.append(None)
+            continue
+        name = f"_mixfx_held_{i}"
+        model.register_buffer(name, t.detach().clone(), persistent=False)
+        names.append(name)
+
+    def forward(self, x):
+        args = [x if n is None else getattr(self, n) for n in names]
+        return cls.forward(self, *args)
+
+    held = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__, "_mixfx_held_inputs": tuple(names)})
+    model.__class__ = held
+    return model
 
 
 def _load_import(spec: str, build_ctx) -> nn.Module:
