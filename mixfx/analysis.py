@@ -675,10 +675,13 @@ def analyze(
         shape = tuple(input_shape) if input_shape else (1, 3, 224, 224)
         example_input = torch.empty(shape, device="meta")
     if example_input.dim() < 3:
+        kind = "token ids, a sequence model?" if not example_input.is_floating_point() else f"rank {example_input.dim()}"
         raise InputSpecError(
-            f"mixfx analyses image-like inputs [batch, channels, *spatial]; the example input has shape "
-            f"{list(example_input.shape)} (rank {example_input.dim()}), so it has no spatial dims to vary.",
-            "Pass --input with a batch, a channel and at least one spatial dim, e.g. --input 1x3x224x224.")
+            f"non-image input: no spatial dims. The example input has shape {list(example_input.shape)} "
+            f"({str(example_input.dtype).replace('torch.', '')}, {kind}); mixfx analyses image-like inputs "
+            f"(batch, channels, *spatial) and varies their spatial sizes.",
+            "For an image model pass --input with a batch, a channel and at least one spatial dim, e.g. "
+            "--input 1x3x224x224; sequence models have no H, W to analyse.")
     t0 = time.perf_counter()
     if isinstance(model, TraceResult):
         traced = model
