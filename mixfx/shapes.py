@@ -97,6 +97,8 @@ def classify_exception(exc: BaseException) -> str:
         return "data_dependent"
     if "meta tensor" in text or "on meta" in text or "'meta'" in text:
         return "unsupported"
+    if "no fake impl" in text or "register_fake" in text or "abstract impl" in text:  # custom op without a shape rule
+        return "unsupported"
     if isinstance(exc, (DynamicOutputShapeException,)):
         return "data_dependent"
     if isinstance(exc, (UnsupportedOperatorException, NotImplementedError)):
