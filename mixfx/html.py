@@ -403,10 +403,12 @@ def render_rewrite_html(before: AnalysisReport, after: AnalysisReport, changes: 
     body = (f'<section class="summary"><h2>rewrite of {e(before.model)}: '
             f'<span class="verdict v-{e(before.classification)}">{e(before.classification)}</span> \u2192 '
             f'<span class="verdict v-{e(after.classification)}">{e(after.classification)}</span></h2>'
-            f'<table class="changes"><tr><th>module</th><th>before</th><th>after</th></tr>{table}</table></section>'
+            f'<details{" open" if len(changes) <= 10 else ""}><summary>{len(changes)} rewritten node(s)</summary>'
+            f'<table class="changes"><tr><th>module</th><th>before</th><th>after</th></tr>{table}</table>'
+            "</details></section>"
             + _legend() + '<span class="sw changed-key"><i></i>changed by the rewrite</span>'
-            f'<div class="panes two"><div class="pane"><h3>before</h3>{_header(before, "before")}{svg_b}</div>'
-            f'<div class="pane"><h3>after</h3>{_header(after, "after")}{svg_a}</div></div>')
+            f'<div class="panes two"><div class="pane">{_header(before, "before")}{svg_b}</div>'
+            f'<div class="pane">{_header(after, "after")}{svg_a}</div></div>')
     return _page(f"mixfx rewrite: {before.model}", body, {"before": data_b, "after": data_a})
 
 
