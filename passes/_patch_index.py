@@ -57,9 +57,13 @@ def index_probe(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.arange(1, n + 1, dtype=torch.float64).reshape(shape)
 
 
-def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor) -> PatchLayout:
+WHOLE_DIMS = "each feature vector spans whole dims instead of patches on a grid: not a patch embedding"
+
+
+def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor, require_grid: bool = True) -> PatchLayout:
     """The patch layout behind `probed` (the probe after the chain: `[*tokens, F]`), or raise
-    `NotPatchify` with the reason."""
+    `NotPatchify` with the reason. `require_grid=False` accepts a 1-wide grid (patch == whole
+    dim), which only a probe at another size can tell from a Linear over whole dims."""
     rank = len(source_shape)
     if rank < 3 or rank > 5:
         raise NotPatchify(f"the chain starts from a rank-{rank} tensor; patch embeddings start from "
@@ -83,7 +87,7 @@ def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor) -> PatchLay
     problems = []
     for channel_dim in dict.fromkeys((1, rank - 1)):
         try:
-            return _layout_with_channel(source_shape, coords, token_shape, channel_dim)
+            return _layout_with_channel(source_shape, coords, token_shape, channel_dim, require_grid)
         except NotPatchify as exc:
             problems.append(exc)
     raise problems[0]
@@ -97,7 +101,7 @@ def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(out[::-1], dim=-1)
 
 
-def _layout_with_channel(source_shape, coords, token_shape, channel_dim) -> PatchLayout:
+def _layout_with_channel(source_shape, coords, token_shape, channel_dim, require_grid) -> PatchLayout:
     rank = len(source_shape)
     rows, features, _ = coords.shape
     spatial = tuple(d for d in range(1, rank) if d != channel_dim)
@@ -123,8 +127,8 @@ def _layout_with_channel(source_shape, coords, token_shape, channel_dim) -> Patc
         cells.append((low[:, 0] // k))
     if all(k == 1 for k in kernel):
         raise NotPatchify("each token is a single position (kernel 1): a plain Linear, left to linear_to_conv")
-    if not any(k > 1 and n > 1 for k, n in zip(kernel, grid)):
-        raise NotPatchify("each feature vector spans whole dims instead of patches on a grid: not a patch embedding")
+    if require_grid and not has_grid(kernel, grid):
+        raise NotPatchify(WHOLE_DIMS)
 
     feature_index = torch.stack([channel[0]] + offsets, dim=1)  # [F, 1 + d]
     channels = source_shape[channel_dim]
@@ -151,6 +155,11 @@ def _layout_with_channel(source_shape, coords, token_shape, channel_dim) -> Patc
         token_groups=tuple(tuple(order[i] for i in g) for g in groups),
         flatten_order=" ".join(names[a] for a in f_order) if f_order is not None else "irregular",
     )
+
+
+def has_grid(kernel: tuple[int, ...] | list[int], grid: tuple[int, ...] | list[int]) -> bool:
+    """Some dim is cut into several patches of more than one element."""
+    return any(k > 1 and n > 1 for k, n in zip(kernel, grid))
 
 
 def _axis_order(coords: torch.Tensor, sizes: tuple[int, ...]) -> tuple[int, ...] | None:

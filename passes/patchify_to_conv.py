@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 from passes._patch_graph import (SPATIAL_NAMES, PatchChain, chain_into, copy_meta, evaluate, example_inputs,
                                  fresh_attr, is_rearrange_op, is_unfold_op, remove_if_dead, replay,
                                  unfold_problem)
-from passes._patch_index import NotPatchify, PatchLayout, index_probe, read_layout
+from passes._patch_index import WHOLE_DIMS, NotPatchify, PatchLayout, has_grid, index_probe, read_layout
 from passes.base import Change, RewritePass, RewritePassResult, Skip
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -59,7 +59,7 @@ class PatchifyToConv(RewritePass):
                 continue
             path = _conv_path(gm, node, module_path)
             try:
-                note = _domain_note(gm, chain, values, layout, path)
+                layout, note = _check_sizes(gm, chain, values, layout, path)
             except NotPatchify as exc:
                 skipped.append(Skip(self.name, node.name, module_path, str(exc)))
                 continue
@@ -101,7 +101,7 @@ class PatchifyToConv(RewritePass):
                 if i + 1 < len(tries):
                     continue
                 raise NotPatchify("the chain cannot be re-run on an index tensor")
-            return read_layout(probe_shape, probed)
+            return read_layout(probe_shape, probed, require_grid=False)  # _check_sizes decides
         raise AssertionError("unreachable")
 
 
@@ -269,31 +269,45 @@ def _axis_name(axis: int, layout: PatchLayout) -> str:
     return "B" if axis == 0 else f"g{axis}"
 
 
-def _domain_note(gm: GraphModule, chain: PatchChain, values: dict[Node, Any], layout: PatchLayout,
-                 path: str) -> str | None:
+def _check_sizes(gm: GraphModule, chain: PatchChain, values: dict[Node, Any], layout: PatchLayout,
+                 path: str) -> tuple[PatchLayout, str | None]:
     """Check the layout holds at other sizes and say how the accepted input domain changes.
 
-    The chain is re-run one patch larger along every spatial dim (it must give the same layout,
-    else it depends on the size in a way the conv does not, e.g. a fixed-size slice: NotPatchify),
-    and one element larger along each (a reshape rejects that, the conv drops the remainder)."""
+    The chain is re-run one patch larger along every spatial dim: it must cut the same patches
+    (else it depends on the size in a way the conv does not, e.g. a fixed-size slice:
+    NotPatchify). There every grid dim is >= 2, so the token order read there is the one to keep
+    (at a 1-wide grid any order fits). Then one element larger along each dim: a reshape rejects
+    that, the conv drops the remainder: the domain note."""
     names = SPATIAL_NAMES[len(layout.kernel)]
     bigger = list(layout.source_shape)
     for dim, k in zip(layout.spatial_dims, layout.kernel):
         bigger[dim] += k
     fixed_size = False
+    grid_seen = has_grid(layout.kernel, layout.grid)
     try:
         probed = replay(gm, chain.source, chain.chain[-1], index_probe(tuple(bigger)), values)
     except Exception:  # noqa: BLE001 - hard-coded sizes: the original only runs at the example size
         fixed_size = True
+        if not grid_seen:
+            raise NotPatchify(WHOLE_DIMS)
     else:
-        other = read_layout(tuple(bigger), probed)
+        try:
+            other = read_layout(tuple(bigger), probed)
+        except NotPatchify:
+            if not grid_seen:
+                raise NotPatchify(WHOLE_DIMS)
+            raise
         same = (other.kernel == layout.kernel and other.channel_dim == layout.channel_dim
-                and other.token_order == layout.token_order and torch.equal(other.feature_index, layout.feature_index))
+                and len(other.token_groups) == len(layout.token_groups)
+                and torch.equal(other.feature_index, layout.feature_index))
         if not same:
+            if not grid_seen:
+                raise NotPatchify(WHOLE_DIMS)
             raise NotPatchify("the chain cuts patches differently at another input size (fixed sizes in it?)")
+        layout = dataclasses.replace(layout, token_order=other.token_order, token_groups=other.token_groups)
     if fixed_size:
-        return (f"`{path}`: the accepted input domain changed: the patch extraction hard-codes the example size; "
-                f"the strided conv accepts any size")
+        return layout, (f"`{path}`: the accepted input domain changed: the patch extraction hard-codes the example "
+                        f"size; the strided conv accepts any size")
     rejected = []
     for i, (dim, k) in enumerate(zip(layout.spatial_dims, layout.kernel)):
         shape = list(layout.source_shape)
@@ -303,6 +317,6 @@ def _domain_note(gm: GraphModule, chain: PatchChain, values: dict[Node, Any], la
         except Exception:  # noqa: BLE001
             rejected.append(f"{names[i]} % {k} == 0")
     if not rejected:
-        return None
-    return (f"`{path}`: the accepted input domain changed: the patch extraction required {' and '.join(rejected)}; "
+        return layout, None
+    return layout, (f"`{path}`: the accepted input domain changed: the patch extraction required {' and '.join(rejected)}; "
             f"the strided conv accepts any size and drops the remainder (outputs agree wherever the original ran)")
