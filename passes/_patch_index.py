@@ -76,7 +76,7 @@ def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor, require_gri
     if (idx == 0).any():
         raise NotPatchify("the patches contain padding (zeros that are not input elements)")
     flat = idx.reshape(-1) - 1
-    if torch.unique(flat).numel() != flat.numel():
+    if int(torch.bincount(flat).max()) > 1:  # (torch.unique sorts: 10x slower here)
         raise NotPatchify("an input element appears in more than one patch (overlapping patches)")
     token_shape = tuple(probed.shape[:-1])
     features = probed.shape[-1]
