@@ -70,19 +70,20 @@ def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor, require_gri
                           "[B, C, *spatial] with 1 to 3 spatial dims")
     if probed.dim() < 2:
         raise NotPatchify("the Linear input has no token dim")
-    idx = probed.round().to(torch.long)
+    small = probed.numel() < 2**31 - 1
+    idx = probed.round().to(torch.int32 if small else torch.long)  # int32: half the memory traffic
     if not torch.equal(idx.to(probed.dtype), probed):
         raise NotPatchify("the chain changes values, not only their positions")
     if (idx == 0).any():
         raise NotPatchify("the patches contain padding (zeros that are not input elements)")
     flat = idx.reshape(-1) - 1
-    if int(torch.bincount(flat).max()) > 1:  # (torch.unique sorts: 10x slower here)
+    if int(torch.bincount(flat.long() if not small else flat).max()) > 1:  # (torch.unique sorts: 10x slower here)
         raise NotPatchify("an input element appears in more than one patch (overlapping patches)")
     token_shape = tuple(probed.shape[:-1])
     features = probed.shape[-1]
-    coords = _unravel(flat, source_shape).reshape(-1, features, rank)  # [rows, F, rank]
+    coords = [c.reshape(-1, features) for c in _unravel(flat, source_shape)]  # per source dim: [rows, F]
 
-    if not (coords[:, :, 0] == coords[:, :1, 0]).all():
+    if not (coords[0] == coords[0][:, :1]).all():
         raise NotPatchify("a feature vector mixes batch elements")
     problems = []
     for channel_dim in dict.fromkeys((1, rank - 1)):
@@ -93,24 +94,25 @@ def read_layout(source_shape: tuple[int, ...], probed: torch.Tensor, require_gri
     raise problems[0]
 
 
-def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
     out = []
     for size in reversed(shape):
-        out.append(flat % size)
-        flat = flat // size
-    return torch.stack(out[::-1], dim=-1)
+        quotient = flat // size
+        out.append(flat - quotient * size)
+        flat = quotient
+    return out[::-1]
 
 
 def _layout_with_channel(source_shape, coords, token_shape, channel_dim, require_grid) -> PatchLayout:
     rank = len(source_shape)
-    rows, features, _ = coords.shape
+    rows, features = coords[0].shape
     spatial = tuple(d for d in range(1, rank) if d != channel_dim)
-    channel = coords[:, :, channel_dim]
+    channel = coords[channel_dim]
     if not (channel == channel[:1]).all():
         raise NotPatchify("the channel of a feature differs between tokens")
     kernel, grid, offsets, cells = [], [], [], []
     for dim in spatial:
-        pos = coords[:, :, dim]
+        pos = coords[dim]
         low = pos.min(dim=1, keepdim=True).values
         off = pos - low
         if not (off == off[:1]).all():
@@ -130,7 +132,7 @@ def _layout_with_channel(source_shape, coords, token_shape, channel_dim, require
     if require_grid and not has_grid(kernel, grid):
         raise NotPatchify(WHOLE_DIMS)
 
-    feature_index = torch.stack([channel[0]] + offsets, dim=1)  # [F, 1 + d]
+    feature_index = torch.stack([channel[0]] + offsets, dim=1).long()  # [F, 1 + d]
     channels = source_shape[channel_dim]
     if features != channels * math.prod(kernel):
         raise NotPatchify(f"a feature vector holds {features} values, a {'x'.join(map(str, kernel))} patch of "
@@ -139,7 +141,7 @@ def _layout_with_channel(source_shape, coords, token_shape, channel_dim, require
     if rows != batch * math.prod(grid):
         raise NotPatchify(f"the {rows} tokens do not cover the {batch}x{'x'.join(map(str, grid))} patch grid")
 
-    token_coords = torch.stack([coords[:, 0, 0]] + cells, dim=1)  # [rows, 1 + d]: (b, g1..gd)
+    token_coords = torch.stack([coords[0][:, 0]] + cells, dim=1).long()  # [rows, 1 + d]: (b, g1..gd)
     sizes = (batch, *grid)
     order = _axis_order(token_coords, sizes)
     if order is None:

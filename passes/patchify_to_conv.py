@@ -93,7 +93,8 @@ class PatchifyToConv(RewritePass):
                     raise NotPatchify(problem)
         shape = tuple(values[chain.source].shape)
         last = chain.chain[-1]
-        tries = [shape] if shape[0] != 1 else [(2,) + shape[1:], shape]  # batch 2: see where it goes
+        # batch 2: big enough to see where the batch goes, small enough to keep the probe cheap
+        tries = [shape] if shape[0] == 2 else [(2,) + shape[1:], shape]
         for i, probe_shape in enumerate(tries):
             try:
                 probed = replay(gm, chain.source, last, index_probe(probe_shape), values)
