@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PINS)
 	$(PIP) install -q -e '.[test,timm]'
+	$(PIP) install -q playwright
+	-command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium chromium-driver >/dev/null; } || true
 	touch $(STAMP)
 
 install: $(STAMP)
