@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from passes._fxutil import module_of
+
 EXAMPLE_KEY = "mixfx_example"  # same key as passes._fxutil.annotate_example_inputs
 
 # --- ops that only rearrange elements -----------------------------------------------------------
@@ -43,15 +45,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     Rearrange = None  # type: ignore[assignment,misc]
 
 
-def _module(gm: GraphModule, node: Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    try:
-        return gm.get_submodule(str(node.target))
-    except AttributeError:
-        return None
-
-
 def _is_slicing(node: Node) -> bool:
     """`x[a:b, ...]` with plain slices only (no ints, None or tensors): a sub-block, still a gather."""
     if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
@@ -76,7 +69,7 @@ def is_layout_op(gm: GraphModule, node: Node) -> bool:
     elif node.op == "call_function":
         ok = node.target in _LAYOUT_FUNCTIONS
     elif node.op == "call_module":
-        ok = isinstance(_module(gm, node), _LAYOUT_MODULES)
+        ok = isinstance(module_of(gm, node), _LAYOUT_MODULES)
     else:
         return False
     return ok and bool(node.args) and isinstance(node.args[0], Node)
@@ -84,7 +77,7 @@ def is_layout_op(gm: GraphModule, node: Node) -> bool:
 
 def is_unfold_op(gm: GraphModule, node: Node) -> bool:
     return ((node.op == "call_function" and node.target is F.unfold)
-            or (node.op == "call_module" and isinstance(_module(gm, node), nn.Unfold))
+            or (node.op == "call_module" and isinstance(module_of(gm, node), nn.Unfold))
             or (node.op == "call_method" and node.target == "unfold")
             or (node.op == "call_function" and node.target is torch.Tensor.unfold))
 
@@ -93,7 +86,7 @@ def is_rearrange_op(gm: GraphModule, node: Node) -> bool:
     if Rearrange is None:
         return False
     return ((node.op == "call_function" and node.target is einops.rearrange)
-            or (node.op == "call_module" and isinstance(_module(gm, node), Rearrange)))
+            or (node.op == "call_module" and isinstance(module_of(gm, node), Rearrange)))
 
 
 @dataclass
@@ -118,7 +111,7 @@ def chain_into(gm: GraphModule, node: Node) -> PatchChain:
 def unfold_problem(gm: GraphModule, node: Node, values: dict[Node, Any]) -> str | None:
     """Why an unfold (`F.unfold`, `nn.Unfold`, `Tensor.unfold`) is not a patch extraction, or None."""
     if node.op == "call_module":
-        m = _module(gm, node)
+        m = module_of(gm, node)
         kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
     elif node.target is F.unfold:
         bound = _bind(lambda input, kernel_size, dilation=1, padding=0, stride=1: None, node, values)
@@ -264,19 +257,3 @@ def mul(graph: torch.fx.Graph, a: Node, b: int) -> Node:
 
 
 SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("T", "H", "W")}
-
-
-def fresh_attr(gm: GraphModule, base: str) -> str:
-    """`base`, or `base_1`, `base_2`, ...: the first path that names no attribute yet."""
-    def taken(path: str) -> bool:
-        owner, _, attr = path.rpartition(".")
-        try:
-            return hasattr(gm.get_submodule(owner) if owner else gm, attr)
-        except AttributeError:
-            return False
-
-    path, i = base, 0
-    while taken(path):
-        i += 1
-        path = f"{base}_{i}"
-    return path

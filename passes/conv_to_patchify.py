@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._patch_graph import (SPATIAL_NAMES, copy_meta, evaluate, example_inputs, floordiv, fresh_attr, mul,
+from passes._fxutil import fresh_path
+from passes._patch_graph import (SPATIAL_NAMES, copy_meta, evaluate, example_inputs, floordiv, mul,
                                  size_nodes)
 from passes.base import Change, RewritePass, RewritePassResult, Skip
 
@@ -90,7 +91,7 @@ class ConvToPatchify(RewritePass):
         for path, nodes in by_path.items():
             conv = gm.get_submodule(path)
             all_calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
-            lin_path = path if len(all_calls) == len(nodes) else fresh_attr(gm, path + "_linear")
+            lin_path = path if len(all_calls) == len(nodes) else fresh_path(gm, path + "_linear")
             linear = _linear_from(conv)
             for node in nodes:
                 tokens = _tokens_user(node, len(conv.kernel_size)) is not None

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from passes._fxutil import fresh_path
 from passes._patch_graph import (SPATIAL_NAMES, PatchChain, chain_into, copy_meta, evaluate, example_inputs,
-                                 fresh_attr, is_rearrange_op, is_unfold_op, remove_if_dead, replay,
+                                 is_rearrange_op, is_unfold_op, remove_if_dead, replay,
                                  unfold_problem)
 from passes._patch_index import WHOLE_DIMS, NotPatchify, PatchLayout, has_grid, index_probe, read_layout
 from passes.base import Change, RewritePass, RewritePassResult, Skip
@@ -188,10 +189,10 @@ def _conv_path(gm: GraphModule, node: Node, module_path: str | None) -> str:
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_path]
         if len(calls) == 1:
             return module_path
-        return fresh_attr(gm, module_path + "_conv")
+        return fresh_path(gm, module_path + "_conv")
     weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     base = str(weight_node.target).rpartition(".")[0] or "patch"
-    return fresh_attr(gm, base + ".conv" if base != "patch" else "patch_conv")
+    return fresh_path(gm, base + ".conv" if base != "patch" else "patch_conv")
 
 
 def _set_module(gm: GraphModule, path: str, module: nn.Module) -> None:
