@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import operator
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
 from mixfx.errors import InputSpecError
-from mixfx.formulas import GuardMeaning, characterise, format_expr, free_input_symbols, lcm
+from mixfx.formulas import GuardMeaning, characterise, format_expr, free_input_symbols
 from mixfx.report import AnalysisReport, ConcreteCheck, GlobalMixing, HeadInfo, NodeInfo, RigidNode
-from mixfx.shapes import ConcreteRun, SymbolicRun, flatten_outputs, propagate_concrete, propagate_symbolic
-from mixfx.tracing import Leaf, TraceResult, is_assert_target, trace
+from mixfx.shapes import ConcreteRun, flatten_outputs, propagate_concrete, propagate_symbolic
+from mixfx.tracing import Leaf, TraceResult, trace
 
 
 # ----------------------------------------------------------------------------- node descriptions
@@ -149,7 +149,7 @@ class _Analyser:
         others = [propagate_concrete(self.gm, s) for s in sizes]
         spatial = self._spatial_nodes(base, others)
         head_nodes = self._head_nodes(spatial, {r.node for r in rigid})
-        mixing = [m for m in self._global_mixing(spatial, head_nodes)
+        mixing = [m for m in self._global_mixing()
                   if not self._contracted_is_constant(m.node, base, others)]
         checks, disagreements, rigid = self._confirm(rigid, base, others)
         kept, dropped_constraints = self._confirm_constraints(constraints, bool(rigid))
@@ -403,7 +403,7 @@ class _Analyser:
                 heads.append(n)
         return heads
 
-    def _global_mixing(self, spatial: dict[str, set[str]], heads: list[torch.fx.Node]) -> list[GlobalMixing]:
+    def _global_mixing(self) -> list[GlobalMixing]:
         activations = self._activation_nodes()
         found = []
         for n in self.nodes:
