@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
 from typing import Callable, Mapping
 
 import sympy
@@ -302,7 +301,3 @@ def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> Gu
 def _is_symbol_pair(expr, symbols) -> bool:
     syms = set(symbols.values())
     return all(a in syms for a in expr.args)
-
-
-def lcm(values) -> int:
-    return reduce(lambda a, b: a * b // math.gcd(a, b), values, 1)
