@@ -147,25 +147,41 @@ def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
 
 def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> str | None:
     """None when the traced graph gives the same output shapes as the eager model (on meta
-    tensors: no compute, no weight memory), else the reason it does not."""
-    from mixfx.shapes import flatten_outputs, meta_weights
+    tensors: no compute, no weight memory; both with the shape-propagation shortcuts), else the
+    reason it does not."""
+    from mixfx.shapes import flatten_outputs, meta_weights, propagate_concrete, shortcut_forwards
 
     x = torch.empty(example_input.shape, dtype=example_input.dtype, device="meta")
     try:
-        with meta_weights(model):
+        with meta_weights(model), shortcut_forwards(model), torch.no_grad():
             want = model(x)
     except Exception:  # noqa: BLE001 - the eager model itself rejects the input: the analysis says why
         return None
-    try:
-        with meta_weights(gm):
-            got = gm(x)
-    except Exception as exc:  # noqa: BLE001
-        return f"the fx graph fails to run: {type(exc).__name__}: {exc}"
-    got_shapes = [tuple(t.shape) for t in flatten_outputs(got)]
+    run = propagate_concrete(gm, tuple(x.shape), allow_real=False)
+    if run.failure is not None and run.failure.kind not in ("data_dependent", "unsupported"):
+        return f"the fx graph fails to run: {run.failure.error}"
+    if run.failure is not None:
+        return None  # cannot tell on meta tensors; the analysis reports the node
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    recorded = run.shapes.get(out_node.name)
+    if recorded is None:
+        return None  # an output type the recorder does not read (a dataclass): nothing to compare
+    got_shapes = [tuple(s) for s in _flatten_shapes(recorded)]
     want_shapes = [tuple(t.shape) for t in flatten_outputs(want)]
     if got_shapes != want_shapes:
         return f"the fx graph's outputs {got_shapes} differ from the eager model's {want_shapes}"
     return None
+
+
+def _flatten_shapes(shapes: Any) -> list[tuple[int, ...]]:
+    """Shapes recorded by `propagate_concrete` for a (nested) output, in `flatten_outputs` order."""
+    if isinstance(shapes, tuple):
+        return [shapes]
+    if isinstance(shapes, dict):
+        return [s for v in shapes.values() for s in _flatten_shapes(v)]
+    if isinstance(shapes, list):
+        return [s for v in shapes for s in _flatten_shapes(v)]
+    return []
 
 
 def trace(
