@@ -90,6 +90,124 @@ def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any] | None = Non
         return rec.shapes
 
 
+# --- views whose input's strides a rewrite changed ----------------------------------------------
+
+def is_size_view(node: Node) -> bool:
+    """`x.view(*sizes)` / `Tensor.view(x, sizes)` (not `x.view(dtype)`): a view that needs strides
+    compatible with the new shape, where `reshape` (same values) would copy instead."""
+    if not (node.op == "call_method" and node.target == "view"
+            or node.op == "call_function" and node.target is torch.Tensor.view):
+        return False
+    sizes = list(node.args[1:]) + list(node.kwargs.values())
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = list(sizes[0])
+    return bool(sizes) and all(isinstance(s, (int, Node)) and not isinstance(s, bool) for s in sizes)
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
+
+
+def ancestors(nodes: Iterable[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+class _ViewFixer(torch.fx.Interpreter):
+    """Runs the ancestors of `views` only; a view in `views` that fails on its input's strides
+    becomes a `reshape` (same values, a copy where the strides do not allow a view)."""
+
+    def __init__(self, gm: GraphModule, views: set[Node]):
+        super().__init__(gm)
+        self.views = views
+        self.need = ancestors(views)
+        self.fixed: list[Node] = []
+
+    def run(self, *inputs: Any) -> None:  # type: ignore[override]
+        placeholders = iter(inputs)
+        with torch.no_grad():
+            for node in self.graph.nodes:
+                if node.op == "placeholder":
+                    value = next(placeholders, None)
+                    self.env[node] = node.args[0] if value is None and node.args else value
+                elif node in self.need:
+                    self.env[node] = self.run_node(node)
+
+    def run_node(self, n: Node) -> Any:
+        if n not in self.views:
+            return super().run_node(n)
+        try:
+            return super().run_node(n)
+        except (RuntimeError, ValueError):
+            target = n.target
+            n.target = "reshape" if n.op == "call_method" else torch.Tensor.reshape
+            try:
+                out = super().run_node(n)
+            except Exception:  # noqa: BLE001 - not a stride problem: leave the view (and its error)
+                n.target = target
+                raise
+            self.fixed.append(n)
+            return out
+
+
+def reshape_where_view_fails(gm: GraphModule, changed: Iterable[Node],
+                             example_inputs: Sequence[Any] | None = None) -> list[Node]:
+    """After a rewrite that changes the strides of some values (a `permute` back to the original
+    layout gives the same values, not the same memory layout), a later `x.view(...)` the original
+    graph ran may now fail. Each such view (downstream of `changed`) becomes `reshape`, which
+    computes the same values; views that still work are left alone. Returns the nodes changed.
+    The graph is run on the example input (fake tensors, or real ones where that fails), and only
+    as far as the views need. (A reshape that copies no longer aliases its input: an in-place op
+    on one of them would not show in the other. Verification compares the outputs.)"""
+    views = {n for n in descendants(changed) if is_size_view(n)}
+    if not views:
+        return []
+    inputs = list(example_inputs) if example_inputs is not None else example_inputs_of(gm)
+    if inputs is None:
+        return []
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fixer = _ViewFixer(gm, views)
+    small = all(t.numel() <= SMALL_INPUT for t in inputs if isinstance(t, torch.Tensor))
+    try:
+        if small:
+            fixer.run(*inputs)
+        else:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fixer.run(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs])
+    except Exception:  # noqa: BLE001 - an op without a fake kernel: run it for real
+        if small:
+            raise
+        fixed = fixer.fixed
+        fixer = _ViewFixer(gm, views)
+        fixer.fixed = fixed
+        fixer.run(*inputs)
+    if fixer.fixed:
+        gm.recompile()
+    return fixer.fixed
+
+
+def views_note(pass_name: str, fixed: Sequence[Node]) -> list[str]:
+    if not fixed:
+        return []
+    names = ", ".join(n.name for n in fixed[:5]) + (f" and {len(fixed) - 5} more" if len(fixed) > 5 else "")
+    return [f"{pass_name}: {len(fixed)} `view` call(s) ({names}) became `reshape`: their input now has another "
+            f"memory layout (same values), which a view cannot always express"]
+
+
 # --- permutations -----------------------------------------------------------------------------
 
 _PERMUTE_FNS = {torch.permute}

@@ -144,7 +144,8 @@ def _bind(signature, node: Node, values: dict[Node, Any]) -> dict[str, Any]:
 
 def example_inputs(gm: GraphModule, given: Sequence[Any] | None = None) -> list[Any]:
     """The example inputs: `given`, else those recorded on the placeholders (`mixfx_example`),
-    else random tensors of the shapes ShapeProp / FakeTensorProp left in `meta`."""
+    else random tensors of the shapes ShapeProp / FakeTensorProp left in `meta`, else the
+    placeholder's default value (timm's ViT: `attn_mask=None`)."""
     if given is not None:
         return list(given)
     values = []
@@ -156,6 +157,9 @@ def example_inputs(gm: GraphModule, given: Sequence[Any] | None = None) -> list[
             continue
         meta = node.meta.get("tensor_meta") or node.meta.get("val")
         shape = getattr(meta, "shape", None)
+        if (shape is None or not all(isinstance(s, int) for s in shape)) and node.args:
+            values.append(node.args[0])  # an argument with a default value, nothing recorded
+            continue
         if shape is None or not all(isinstance(s, int) for s in shape):
             raise ValueError(
                 "the patchify passes need an example input: record one with "

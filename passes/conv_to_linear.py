@@ -3,7 +3,8 @@
 Only a conv that is a per-position matrix product qualifies: `Conv1d`/`Conv2d` with a 1x1 kernel,
 stride 1, padding 0 and groups 1 (dilation does not matter for a 1x1 kernel). It becomes
 `permute(channels -> last) -> Linear -> permute(back)`; the layout pass then cancels the permutes
-between consecutive Linears and elementwise ops. Every other conv is left alone and reported as
+between consecutive Linears and elementwise ops (a later `view` that no longer fits the strides of
+the permuted result becomes `reshape`). Every other conv is left alone and reported as
 skipped with the reason. Modules keep their paths; weights and biases are copied.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ class ConvToLinear(RewritePass):
         shapes = fu.propagate_shapes(gm, self.example_inputs)
         changes: list[Change] = []
         skipped: list[Skip] = []
+        outs: list[Node] = []  # the values now computed in another memory layout
         by_target: dict[str, list[Node]] = defaultdict(list)
         for node in gm.graph.nodes:
             if isinstance(fu.module_of(gm, node), nn.modules.conv._ConvNd):
@@ -98,9 +100,13 @@ class ConvToLinear(RewritePass):
                     shapes[out] = shapes.pop(node)
                 node.replace_all_uses_with(out)
                 g.erase_node(node)
+                outs.append(out)
                 changes.append(Change(self.name, node.name, target, repr(conv),
                                       f"{lin!r} on the channels-last tensor (input {fu.short_shape(shapes[x])})"))
+        notes: list[str] = []
         if changes:
             gm.graph.lint()
             gm.recompile()
-        return RewritePassResult(gm, bool(changes), changes, skipped)
+            # permute -> Linear -> permute back: same values, not the same strides as the conv's
+            notes += fu.views_note(self.name, fu.reshape_where_view_fails(gm, outs, self.example_inputs))
+        return RewritePassResult(gm, bool(changes), changes, skipped, notes)

@@ -13,8 +13,10 @@ The patch is flattened `c p1 p2`, the conv weight's own order, so the Linear wei
 `conv.weight.reshape(O, -1)`. All sizes are read from the tensor (`x.size(i) // k`), so the graph
 still runs at other input sizes; the leading slice keeps the accepted input domain exactly the
 conv's (`exact_domain=False` leaves it out, and then `H % kh == 0` is required: the notes say which).
-The closing permute is left for the layout pass to cancel against a following
-`flatten(2).transpose(1, 2)`.
+The closing permute is left out where the conv's only use is the ViT tokens layout
+`flatten(2).transpose(1, 2)` (the Linear output is flattened over the grid instead) or a
+channels-last `permute(0, 2, 3, 1)` (ConvNeXt's stem + LayerNorm2d: the Linear output
+`[B, gh, gw, O]` is that tensor already); elsewhere it is left for the layout pass to cancel.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._fxutil import fresh_path
+from passes._fxutil import fresh_path, reshape_where_view_fails, views_note
 from passes._patch_graph import (SPATIAL_NAMES, copy_meta, evaluate, example_inputs, floordiv, mul,
                                  size_nodes)
 from passes.base import Change, RewritePass, RewritePassResult, Skip
@@ -88,26 +90,33 @@ class ConvToPatchify(RewritePass):
                                     f"unbatched input (rank {ranks[node]}): only [B, C, *spatial] is rewritten"))
                 continue
             by_path.setdefault(str(node.target), []).append(node)
+        outs: list[Node] = []  # the values now computed in another memory layout
         for path, nodes in by_path.items():
             conv = gm.get_submodule(path)
             all_calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
             lin_path = path if len(all_calls) == len(nodes) else fresh_path(gm, path + "_linear")
             linear = _linear_from(conv)
             for node in nodes:
-                tokens = _tokens_user(node, len(conv.kernel_size)) is not None
+                tokens = _tokens_user(node, len(conv.kernel_size))
+                layout = (" + permute to channels-first" if tokens is None else
+                          " (channels-last [B, *grid, D])" if tokens.args[0] is node else " (tokens [B, N, D])")
                 out = self._emit(gm, node, lin_path, conv)
+                outs.append(out)
                 node.replace_all_uses_with(out)
                 gm.graph.erase_node(node)
                 k = "x".join(map(str, conv.kernel_size))
                 changes.append(Change(self.name, node.name, lin_path, repr(conv),
                                       f"patchify {k} (c {' '.join(f'p{i + 1}' for i in range(len(conv.kernel_size)))})"
-                                      f" + {linear}" + (" (tokens [B, N, D])" if tokens else " + permute to channels-first")))
+                                      f" + {linear}" + layout))
             _put_module(gm, lin_path, linear)
             notes.append(self._domain_note(lin_path, conv))
         if changes:
             gm.graph.lint()
             gm.delete_all_unused_submodules()
             gm.recompile()
+            # Linear -> permute to channels-first: the conv's values, not its memory layout
+            outs = [n for n in outs if n.graph is not None]
+            notes += views_note(self.name, reshape_where_view_fails(gm, outs, self.example_inputs))
         return RewritePassResult(gm, bool(changes), changes, skipped, notes)
 
     def _input_ranks(self, gm: GraphModule, nodes: list[Node]) -> dict[Node, int]:
@@ -148,8 +157,11 @@ class ConvToPatchify(RewritePass):
             x = copy_meta(g.call_method("flatten", (x, d + 1)), node)
             y = copy_meta(g.call_module(lin_path, (x,)), node)
             tokens = _tokens_user(node, d)
-            if tokens is not None:  # conv.flatten(2).transpose(1, 2) == linear output.flatten(1, d)
-                out = copy_meta(g.call_method("flatten", (y, 1, d)), node) if d > 1 else y
+            if tokens is not None:
+                if tokens.args[0] is node:  # conv.permute(0, 2.., 1) (channels-last) == linear output
+                    out = y
+                else:  # conv.flatten(2).transpose(1, 2) == linear output.flatten(1, d)
+                    out = copy_meta(g.call_method("flatten", (y, 1, d)), node) if d > 1 else y
                 tokens.replace_all_uses_with(out)
                 _erase_chain(g, tokens, node)
                 return y

@@ -18,8 +18,10 @@ Layout-agnostic ops, and how they change when a permute moves across them:
   reshape suffices, so no new permute is ever created;
 - LayerNorm over the last dim, when the permute moves channels there (ConvNeXt's
   `permute -> LayerNorm -> permute`): becomes a `ChannelLayerNorm` over dim 1, and back.
-Everything else stops the walk. Each step removes at least one permute (or, for step 3, one
-`ChannelLayerNorm`), so the pass terminates.
+Everything else stops the walk (a `view` among them: no permute is moved past one). Each step
+removes at least one permute (or, for step 3, one `ChannelLayerNorm`), so the pass terminates.
+Values the pass recomputes keep their values, not always their strides: a later `view` that no
+longer fits the strides becomes `reshape` (`_fxutil.reshape_where_view_fails`, said in the notes).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class LayoutCleanup(RewritePass):
         self.gm = gm
         self.shapes = fu.propagate_shapes(gm, self.example_inputs)
         self.changes: list[Change] = []
+        self.touched: list[Node] = []  # nodes whose value is now computed in another memory layout
         before = self._count_permutes()
         steps = 0
         progress = True
@@ -107,8 +110,10 @@ class LayoutCleanup(RewritePass):
             gm.graph.lint()
             gm.recompile()
             notes.append(f"layout: permutes/transposes in the graph {before} -> {after}")
+            touched = [n for n in self.touched if n.graph is not None and not getattr(n, "_erased", False)]
+            notes += fu.views_note(self.name, fu.reshape_where_view_fails(gm, touched, self.example_inputs))
         result = RewritePassResult(gm, bool(self.changes), self.changes, [], notes)
-        del self.gm, self.shapes
+        del self.gm, self.shapes, self.touched
         return result
 
     def _count_permutes(self) -> int:
@@ -171,6 +176,7 @@ class LayoutCleanup(RewritePass):
         self._erase(Q)
         if not P.users:
             self._erase(P)
+        self.touched += rewritten + ([fused] if after_last else [])
         after = " -> ".join([self._describe(n) for n in rewritten] + after_last) or "(nothing)"
         modules = [n.target for n, _ in chain if n.op == "call_module"]
         self.changes.append(Change(self.name, f"{P.name}..{Q.name}", ", ".join(modules) or None, before, after))
@@ -330,6 +336,7 @@ class LayoutCleanup(RewritePass):
         self.shapes[moved] = out_shape
         self._erase(a)
         self._erase(b)
+        self.touched.append(moved)
         self.changes.append(Change(self.name, u.name, None, f"{self._describe(u)}(permute{pa}, permute{pa})",
                                    f"permute{pa}({self._describe(u)})"))
         return True
@@ -359,6 +366,7 @@ class LayoutCleanup(RewritePass):
         self.shapes[out] = self.shapes[Q]
         Q.replace_all_uses_with(out)
         self._erase(Q)
+        self.touched.append(out)
         self.changes.append(Change(self.name, Q.name, v.target if is_module else None,
                                    f"ChannelLayerNorm -> permute{q}", f"permute{q} -> LayerNorm"))
         return True

@@ -11,7 +11,9 @@ is a parameter) is replaced by `permute(last -> 1) -> 1x1 conv -> permute(back)`
 - input `[B, C]` -> `unsqueeze(-1) -> Conv1d -> squeeze(-1)` (a 1x1 conv on a length-1 signal)
 - rank 5 -> `Conv3d`; rank 1 or above 5 is skipped.
 
-The wrapping permutes are left for the layout pass (`passes.layout`) to cancel. Weights and biases
+The wrapping permutes are left for the layout pass (`passes.layout`) to cancel. The permute back
+gives the Linear's values but not its contiguous memory layout: a later `x.view(...)` that no
+longer fits the strides becomes `x.reshape(...)` (same values; the notes say which). Weights and biases
 are copied, never re-initialised; a module keeps its path (`blocks.0.mlp.fc1` stays
 `blocks.0.mlp.fc1`, now a conv), so analysis results can be compared before and after.
 """
@@ -58,6 +60,7 @@ class LinearToConv(RewritePass):
         shapes = fu.propagate_shapes(gm, self.example_inputs)
         changes: list[Change] = []
         skipped: list[Skip] = []
+        outs: list[Node] = []  # the values now computed in another memory layout
 
         # nn.Linear modules: all calls of one module must see the same rank (one conv replaces it).
         by_target: dict[str, list[Node]] = defaultdict(list)
@@ -86,7 +89,7 @@ class LinearToConv(RewritePass):
             fu.set_module(gm, target, conv)
             for node in nodes:
                 x = node.args[0]
-                _wrap(gm, node, rank, lambda g, inp, t=target: g.call_module(t, (inp,)), shapes)
+                outs.append(_wrap(gm, node, rank, lambda g, inp, t=target: g.call_module(t, (inp,)), shapes))
                 changes.append(Change(self.name, node.name, target, repr(mod),
                                       f"{_conv_repr(conv)} on {_layout(rank)} (input {fu.short_shape(shapes[x])})"))
 
@@ -115,18 +118,21 @@ class LinearToConv(RewritePass):
             conv = conv_from_linear(weight, bias, _spatial(rank))
             path = fu.fresh_path(gm, w.target.rsplit(".", 1)[0] + "_conv" if "." in w.target else w.target + "_conv")
             gm.add_submodule(path, conv)
-            _wrap(gm, node, rank, lambda g, inp, t=path: g.call_module(t, (inp,)), shapes)
+            outs.append(_wrap(gm, node, rank, lambda g, inp, t=path: g.call_module(t, (inp,)), shapes))
             for attr in (w, b):
                 if attr is not None and not attr.users:
                     gm.graph.erase_node(attr)
             changes.append(Change(self.name, node.name, path, f"F.linear(weight={w.target} {tuple(weight.shape)})",
                                   f"{_conv_repr(conv)} on {_layout(rank)} (input {fu.short_shape(shapes[x])})"))
 
+        notes: list[str] = []
         if changes:
             fu.prune_unused(gm)
             gm.graph.lint()
             gm.recompile()
-        return RewritePassResult(gm, bool(changes), changes, skipped)
+            # permute -> conv -> permute back: same values, not the same strides as the Linear's
+            notes += fu.views_note(self.name, fu.reshape_where_view_fails(gm, outs, self.example_inputs))
+        return RewritePassResult(gm, bool(changes), changes, skipped, notes)
 
 
 def _rank_problem(rank: int | None) -> str | None:
@@ -151,9 +157,9 @@ def _conv_repr(conv: nn.Module) -> str:
     return f"{type(conv).__name__}({conv.in_channels}, {conv.out_channels}, 1x1, bias={conv.bias is not None})"
 
 
-def _wrap(gm: GraphModule, node: Node, rank: int, make_conv, shapes: dict) -> None:
+def _wrap(gm: GraphModule, node: Node, rank: int, make_conv, shapes: dict) -> Node:
     """Replace `node` (a Linear on the last dim of a rank-`rank` tensor) with
-    layout-change -> conv -> layout-change-back."""
+    layout-change -> conv -> layout-change-back; returns the node now holding its value."""
     g = gm.graph
     x = node.args[0]
     with g.inserting_before(node):
@@ -170,3 +176,4 @@ def _wrap(gm: GraphModule, node: Node, rank: int, make_conv, shapes: dict) -> No
         shapes[out] = shapes.pop(node)
     node.replace_all_uses_with(out)
     g.erase_node(node)
+    return out

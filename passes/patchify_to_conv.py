@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._fxutil import fresh_path
+from passes._fxutil import fresh_path, reshape_where_view_fails, views_note
 from passes._patch_graph import (SPATIAL_NAMES, PatchChain, chain_into, copy_meta, evaluate, example_inputs,
                                  is_rearrange_op, is_unfold_op, remove_if_dead, replay,
                                  unfold_problem)
@@ -49,6 +49,7 @@ class PatchifyToConv(RewritePass):
             return RewritePassResult(gm, False)
         values = evaluate(gm, [c.chain[-1] for c in chains.values()], example_inputs(gm, self.example_inputs))
         changes, skipped, notes = [], [], []
+        outs: list[Node] = []  # the values now computed in another memory layout
         for node, chain in chains.items():
             x, weight, bias, module_path = _linear_parts(gm, node)
             if not _looks_like_patchify(gm, chain, values):
@@ -70,6 +71,7 @@ class PatchifyToConv(RewritePass):
             if merge is not None:  # linear(...).flatten(1, d): emit the tokens layout directly
                 layout = dataclasses.replace(layout, token_groups=((0,), tuple(range(1, len(layout.kernel) + 1))))
             out = _emit(gm, node, chain.source, path, layout)
+            outs.append(out)
             if merge is not None:
                 merge.replace_all_uses_with(out)
                 gm.graph.erase_node(merge)
@@ -84,6 +86,9 @@ class PatchifyToConv(RewritePass):
             gm.graph.lint()
             _prune(gm)
             gm.recompile()
+            # conv -> flatten/transpose: the Linear's values, not its (contiguous) memory layout
+            outs = [n for n in outs if n.graph is not None]
+            notes += views_note(self.name, reshape_where_view_fails(gm, outs, self.example_inputs))
         return RewritePassResult(gm, bool(changes), changes, skipped, notes)
 
     def _layout(self, gm: GraphModule, chain: PatchChain, values: dict[Node, Any]) -> PatchLayout:

@@ -90,13 +90,8 @@ def test_windowed_attention_models_fixed(name):
     assert r.classification == "fixed"
 
 
-_CONVNEXT_LINEAR = pytest.mark.xfail(strict=True, reason="conv_to_linear raises PassError on ConvNeXt: a permute "
-                                     "(0, 3, 1, 2) after LayerNorm meets a rank-3 tensor in the pass's fake-tensor run")
-
-
 @pytest.mark.parametrize("name,to", [
-    ("regnetx_002", "conv"), ("regnetx_002", "linear"), ("convnext_atto", "conv"),
-    pytest.param("convnext_atto", "linear", marks=_CONVNEXT_LINEAR),
+    ("regnetx_002", "conv"), ("regnetx_002", "linear"), ("convnext_atto", "conv"), ("convnext_atto", "linear"),
     ("vit_tiny_patch16_224", "conv"), ("vit_tiny_patch16_224", "linear"),
 ])
 def test_rewrite_equivalence(name, to):
