@@ -24,6 +24,11 @@ from mixfx.shapes import ConcreteRun, flatten_outputs, propagate_concrete, propa
 from mixfx.tracing import Leaf, TraceResult, trace
 
 
+# A symbolic run of a ResNet-50 takes ~0.3 s, of a ViT-L ~1 s; the few that take longer are windowed
+# models whose size expressions grow with every padded stage (minutes, for Swin).
+DEFAULT_SYMBOLIC_BUDGET_S = 10.0
+
+
 # ----------------------------------------------------------------------------- node descriptions
 def module_path(node: torch.fx.Node) -> str | None:
     """The module a node belongs to: its target for call_module, else the innermost entry of
@@ -105,8 +110,9 @@ def _concrete_depends(a: Any, b: Any) -> bool:
 # ----------------------------------------------------------------------------- the analyser
 class _Analyser:
     def __init__(self, gm: torch.fx.GraphModule, example_shape: tuple[int, ...], model_name: str, tracer: str,
-                 is_timm: bool):
+                 is_timm: bool, symbolic_budget_s: float | None = None):
         self.gm = gm
+        self.symbolic_budget_s = symbolic_budget_s
         self.example = tuple(example_shape)
         self.model_name = model_name
         self.tracer = tracer
@@ -125,7 +131,7 @@ class _Analyser:
         self.timings["concrete_example_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        sym = propagate_symbolic(self.gm, self.example)
+        sym = propagate_symbolic(self.gm, self.example, budget_s=self.symbolic_budget_s)
         self.timings["symbolic_s"] = time.perf_counter() - t0
         self.sym = sym
         self.symbols = sym.symbols
@@ -358,9 +364,12 @@ class _Analyser:
         symbolic expression looks); the symbolic expression then names the dims."""
         out: dict[str, set[str]] = {}
         self.constant_nodes: set[str] = set()
+        self.unknown_nodes: set[str] = set()  # neither the symbolic nor every concrete run got here
         for n in self.nodes:
             symbolic = _depends(self.sym.values[n.name], self.symbols) if n.name in self.sym.values else None
             reached = bool(others) and all(n.name in r.shapes for r in others) and n.name in base.shapes
+            if symbolic is None and not reached and n.op not in ("get_attr", "output"):
+                self.unknown_nodes.add(n.name)
             if reached:
                 varies = any(_concrete_depends(base.shapes.get(n.name), r.shapes[n.name]) for r in others)
                 if not varies:
@@ -394,7 +403,8 @@ class _Analyser:
                 bool(spatial.get(u.name)) or downstream_spatial.get(u.name, False) for u in n.users)
         heads = []
         for n in self.nodes:
-            if n.op in ("placeholder", "output", "get_attr") or spatial.get(n.name) or n.name in rigid:
+            if n.op in ("placeholder", "output", "get_attr") or spatial.get(n.name) or n.name in rigid \
+                    or n.name in self.unknown_nodes:
                 continue
             if not _tensors(self.sym.values.get(n.name)) and n.name in self.sym.values:
                 continue  # sizes and other Python values are not the head
@@ -664,9 +674,13 @@ def analyze(
     input_shape: Sequence[int] | None = None,
     leaves: Sequence[Leaf] = (),
     name: str | None = None,
+    symbolic_budget_s: float | None = DEFAULT_SYMBOLIC_BUDGET_S,
 ) -> AnalysisReport:
     """Analyse `model` at `example_input` (or a random input of `input_shape`, default
     1x3x224x224). Works on models built on the meta device: no forward computation is done.
+
+    `symbolic_budget_s` caps the symbolic run (None: no cap); past it, the nodes not reached are
+    judged from concrete runs only, and the report's notes say so.
 
     Raises `InputSpecError` if the model fails on its own example input and `TraceError` if it
     cannot be traced."""
@@ -694,7 +708,7 @@ def analyze(
     is_timm = type(root).__module__.startswith("timm.") or any(
         type(m).__module__.startswith("timm.") for m in list(root.modules())[:50])
     analyser = _Analyser(traced.graph_module, tuple(example_input.shape), name or type(root).__name__,
-                         traced.tracer, is_timm)
+                         traced.tracer, is_timm, symbolic_budget_s)
     analyser.notes.extend(f"Tracer fallback: {a}" for a in traced.attempts)
     report = analyser.run()
     report.timings = {"trace_s": trace_s, **analyser.timings, "total_s": time.perf_counter() - t_start}

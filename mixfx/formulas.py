@@ -180,7 +180,7 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
     if len(used) == 1:
         out = [_characterise_1d(used[0], *slices[used[0]], rel)]
     elif any(_bounded(vals) for _, vals in slices.values()):
-        out = [GuardMeaning("fixed", rel, used)]
+        out = [GuardMeaning("fixed", _readable_pin(rel, slices), used)]
     elif not _separable(f, used, base, slices):
         out = [GuardMeaning("other", rel, used)]
     else:
@@ -295,7 +295,28 @@ def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> Gu
     true_xs = [x for x, v in zip(xs, vals) if v]
     if vals[0] and all(vals[: xs.index(true_xs[-1]) + 1]) and true_xs[-1] > FIXED_SPAN:
         return GuardMeaning("max_size", f"{name} <= {true_xs[-1]}", (name,), bound=true_xs[-1])
-    return GuardMeaning("fixed" if _bounded(vals) else "other", rel, (name,))
+    if _bounded(vals):
+        return GuardMeaning("fixed", _readable_pin(rel, {name: (xs, vals)}), (name,))
+    return GuardMeaning("other", rel, (name,))
+
+
+READABLE_RELATION = 60  # characters; longer pinning relations are shown as the sizes they accept
+
+
+def _readable_pin(rel: str, slices: dict[str, tuple[list[int], list[bool]]]) -> str:
+    """A pinning guard as written when short (`(H//16)*(W//16) == 196`), else as the run of sizes
+    it accepts along each dim with the others at the example (`197 <= H <= 224 and ...`): the
+    windowed models' raw relations run to kilobytes."""
+    if len(rel) <= READABLE_RELATION:
+        return rel
+    parts = []
+    for name, (xs, vals) in slices.items():
+        ok = [x for x, v in zip(xs, vals) if v]
+        if not ok:
+            continue
+        lo, hi = ok[0], ok[-1]
+        parts.append(f"{name} == {lo}" if lo == hi else f"{lo} <= {name} <= {hi}")
+    return " and ".join(parts) or rel
 
 
 def _is_symbol_pair(expr, symbols) -> bool:

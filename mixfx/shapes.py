@@ -287,9 +287,59 @@ def _is_false(cond: Any) -> bool:
     return False
 
 
-def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> SymbolicRun:
+@contextlib.contextmanager
+def _quiet_sympy_warnings() -> Iterator[None]:
+    """torch logs a warning for every size expression it cannot evaluate statically ("failed to
+    eval int_floordiv(...)"): expected here, where every size is symbolic."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.sym_node",
+                                                    "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class SymbolicBudgetExceeded(Exception):
+    """The symbolic run took longer than its budget."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Raise `SymbolicBudgetExceeded` in this block after `seconds` (main thread only: a SIGALRM
+    timer, which can interrupt a single op stuck in sympy; elsewhere no limit)."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise SymbolicBudgetExceeded(
+            f"the symbolic run exceeded its {seconds:g} s budget (size expressions grow with every "
+            "padded/windowed stage)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *,
+                       budget_s: float | None = None) -> SymbolicRun:
     """Run `gm` on a fake tensor whose dims after (batch, channels) are symbols; never raises for
-    failures inside the graph (recorded in `.failure`)."""
+    failures inside the graph (recorded in `.failure`). With `budget_s`, a run that takes longer
+    stops at the node it reached (failure kind "timeout"): some windowed models (Swin, DaViT,
+    Hiera) build size expressions that take sympy minutes to simplify."""
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     rank = len(input_shape)
@@ -317,9 +367,13 @@ def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -
     from torch._dispatch.python import enable_python_dispatcher
 
     # The Python dispatcher lets composite ops (F.interpolate with a SymInt size) decompose.
-    with meta_weights(gm), mode, enable_python_dispatcher():
+    with meta_weights(gm), mode, enable_python_dispatcher(), _quiet_sympy_warnings():
         try:
-            interp.run(fake_x)
+            with time_budget(budget_s):
+                interp.run(fake_x)
+        except SymbolicBudgetExceeded as exc:
+            node = interp.current.name if interp.current is not None else "?"
+            run.failure = NodeFailure(node, str(exc).splitlines()[0], "timeout")
         except Exception as exc:  # noqa: BLE001
             node = interp.current.name if interp.current is not None else "?"
             run.failure = NodeFailure(node, _short(exc), classify_exception(exc))
