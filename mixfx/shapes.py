@@ -253,6 +253,24 @@ def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
     return run
 
 
+def meta_tensor_shapes(gm: torch.fx.GraphModule, inputs: list[Any]) -> dict[str, torch.Size]:
+    """Shape of every tensor-valued node for these inputs (tensors or Python values), computed on
+    meta tensors with the shape rules and memo: no compute, no weight copies. Raises whatever the
+    graph raises (an op without a meta kernel, a data-dependent size)."""
+    shapes: dict[str, torch.Size] = {}
+
+    class _Recorder(_MetaInterpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                shapes[n.name] = out.shape
+            return out
+
+    with meta_weights(gm), torch.no_grad():
+        _Recorder(gm).run(*[_to_meta(v) for v in inputs])
+    return shapes
+
+
 def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool) -> ConcreteRun:
     run = ConcreteRun(tuple(input_shape))
     shapes = run.shapes
