@@ -222,6 +222,9 @@ def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: 
             full = _characterise_1d(name, xs, vals, "")
             if full.kind in ("divisible", "min_size", "max_size"):
                 out.append(full.text)
+            elif full.modulus:
+                residues = sorted({x % full.modulus for x, v in zip(xs, vals) if v})
+                out.append(f"{name} % {full.modulus} in {{{', '.join(map(str, residues))}}}")
             else:
                 ok = [x for x, v in zip(xs, vals) if v]
                 out.append(f"{name} in {{{', '.join(map(str, ok[:6]))}{', ...' if len(ok) > 6 else ''}}}")
