@@ -26,7 +26,7 @@ from mixfx.tracing import Leaf, TraceResult, trace
 
 # A symbolic run of a ResNet-50 takes ~0.3 s, of a ViT-L ~1 s; the few that take longer are windowed
 # models whose size expressions grow with every padded stage (minutes, for Swin).
-DEFAULT_SYMBOLIC_BUDGET_S = 10.0
+DEFAULT_SYMBOLIC_BUDGET_S = 5.0
 
 
 # ----------------------------------------------------------------------------- node descriptions
@@ -157,6 +157,7 @@ class _Analyser:
         head_nodes = self._head_nodes(spatial, {r.node for r in rigid})
         mixing = [m for m in self._global_mixing()
                   if not self._contracted_is_constant(m.node, base, others)]
+        mixing += self._concrete_mixing(base, others)
         checks, disagreements, rigid = self._confirm(rigid, base, others)
         kept, dropped_constraints = self._confirm_constraints(constraints, bool(rigid))
         self.timings["concrete_checks_s"] = time.perf_counter() - t0
@@ -348,8 +349,15 @@ class _Analyser:
                 ex = self.example_sizes[name]
                 target = max(int(round(ex * factors[i % len(factors)])), 2)
                 taken = {dims[n] for n in self.dim_names[:i]} | {ex}
+                # at least 1/8 away from the example: a size next to it often rounds to the same
+                # token grid (ceil(223/4) == ceil(224/4)) and proves nothing
+                near = max(1, ex // 8)
+                # nearest size that keeps every guard; if none does (a guard only the example
+                # meets), the target itself: a run at the example size would prove nothing
+                dims[name] = target if target not in taken else target + 1
                 for delta in range(0, 4 * ex):
-                    cands = [c for c in (target + delta, target - delta) if c >= 2 and c not in taken]
+                    cands = [c for c in (target + delta, target - delta)
+                             if c >= 2 and c not in taken and abs(c - ex) >= near]
                     hit = next((c for c in cands if ok({**dims, name: c})), None)
                     if hit is not None:
                         dims[name] = hit
@@ -420,6 +428,37 @@ class _Analyser:
             reason = self._mixing_reason(n, activations)
             if reason:
                 found.append(GlobalMixing(n.name, module_path(n), op_name(n, self.gm), reason))
+        return found
+
+    def _concrete_mixing(self, base: ConcreteRun, others: list[ConcreteRun]) -> list[GlobalMixing]:
+        """Global mixing where the symbolic run did not reach (it stopped or ran out of budget):
+        a matmul/attention whose contracted length differs between the concrete runs."""
+        if not others or self.sym.failure is None:
+            return []
+        activations = self._activation_nodes()
+        found = []
+        for n in self.nodes:
+            if n.name in self.sym.values or n.op not in ("call_function", "call_method", "call_module"):
+                continue
+            acts = [a for a in n.args if isinstance(a, torch.fx.Node) and a.name in activations]
+            name = op_name(n, self.gm)
+            if (n.target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and len(acts) >= 2:
+                arg, axis, what = acts[0], -1, "matmul of two activations contracts"
+            elif (name in _SDPA_TARGETS or getattr(n.target, "__name__", "") == "scaled_dot_product_attention") \
+                    and len(acts) >= 2:
+                arg, axis, what = acts[1], -2, "attention runs over"
+            else:
+                continue
+            shapes = [run.shapes.get(arg.name) for run in (base, *others)]
+            if any(not isinstance(sh, tuple) or len(sh) < -axis for sh in shapes):
+                continue
+            lengths = [sh[axis] for sh in shapes]
+            if len(set(lengths)) > 1:
+                sizes = ", ".join(f"{length} at {'x'.join(map(str, run.input_shape[2:]))}"
+                                  for length, run in zip(lengths, (base, *others)))
+                found.append(GlobalMixing(n.name, module_path(n), name,
+                                          f"{what} a length that grows with the input ({sizes}; from concrete runs): "
+                                          "every position mixes with every other (global attention)"))
         return found
 
     def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:

@@ -78,11 +78,12 @@ def fx_trace(
     leaves: Sequence[Leaf] = (),
     autowrap: Sequence[Callable] = (),
     use_timm: bool = True,
+    concrete_args: dict[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Module-level torch.fx trace. Raises `TraceError` naming the offending source line."""
     tracer = MixfxTracer(leaves, autowrap, use_timm)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TraceError
         raise TraceError(*_explain_trace_failure(exc, model)) from exc
     name = type(model).__name__
@@ -205,6 +206,16 @@ def trace(
         if problem is None:
             return TraceResult(gm, "fx", attempts)
         attempts.append(f"fx: {problem}")
+        optional = _optional_arguments(model)
+        if optional and example_input is not None:
+            # `if mask is not None:` is traced as taken when `mask` is a Proxy: trace again with
+            # the optional arguments fixed to their default None
+            gm = fx_trace(model, leaves=leaves, autowrap=autowrap, concrete_args=optional)
+            problem = _graph_agrees_with_eager(gm, model, example_input) if check else None
+            if problem is None:
+                attempts.append(f"fx with {', '.join(optional)}=None: the graph agrees with the eager model")
+                return TraceResult(gm, "fx", attempts)
+            attempts.append(f"fx with {', '.join(optional)}=None: {problem}")
     except TraceError as exc:
         fx_error = exc
         attempts.append(f"fx: {exc.message}")
@@ -221,6 +232,18 @@ def trace(
                              fx_error.hint) from exc
         raise
     return TraceResult(gm, "export", attempts)
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, None]:
+    """forward()'s arguments after the input whose default is None (`mask=None`)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: None for p in params if p.kind in kinds and p.default is None}
 
 
 _ASSERT_NAMES = re.compile(r"^_?assert")
