@@ -58,6 +58,10 @@ class ShapeRules:
             return self.layer_norm(x, tuple(mod.normalized_shape))
         if type(mod) in _CONVS:
             return self.conv(mod, x)
+        if type(mod) is nn.GroupNorm:
+            if x.dim() < 2 or x.shape[1] != mod.num_channels:
+                raise RuntimeError(f"GroupNorm expects {mod.num_channels} channels, got shape {list(x.shape)}")
+            return x
         return NOT_HANDLED
 
     def linear(self, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
@@ -93,10 +97,52 @@ class ShapeRules:
             sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
         return self.empty(x, (x.shape[0], mod.out_channels, *sizes))
 
+    # -- methods --------------------------------------------------------------------------------
+    def method(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name == "reshape" and args and isinstance(args[0], torch.Tensor) and not kwargs:
+            return self.reshape(args[0], args[1:])
+        return NOT_HANDLED
+
+    def reshape(self, x: torch.Tensor, sizes: tuple) -> Any:
+        """`reshape` without the reference implementation's stride analysis (which guards on every
+        symbolic stride): the size check and the inferred -1, as `infer_size` does. The result is
+        contiguous, as a reshape that copies would be."""
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        if not all(isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool) for d in sizes):
+            return NOT_HANDLED
+        free = [i for i, d in enumerate(sizes) if isinstance(d, int) and d == -1]
+        if len(free) > 1 or any(isinstance(d, int) and d < -1 for d in sizes):
+            return NOT_HANDLED
+        numel = 1
+        for d in x.shape:
+            numel = numel * d
+        known = 1
+        for i, d in enumerate(sizes):
+            if i not in free:
+                known = known * d
+        if free:
+            if known == 0 or numel % known != 0:
+                raise RuntimeError(f"shape '{list(sizes)}' is invalid for input of size {numel}")
+            sizes = tuple(numel // known if i in free else d for i, d in enumerate(sizes))
+        elif known != numel:
+            raise RuntimeError(f"shape '{list(sizes)}' is invalid for input of size {numel}")
+        return self.empty(x, sizes)
+
     # -- functions ------------------------------------------------------------------------------
     def function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target is torch.reshape and len(args) == 2 and isinstance(args[0], torch.Tensor) and not kwargs:
+            return self.reshape(args[0], (args[1],))
         if target in (torch.cat, torch.concat, torch.concatenate):
             return self.cat(args, kwargs)
+        if target is F.group_norm and len(args) >= 2 and isinstance(args[0], torch.Tensor) \
+                and isinstance(args[1], int) and args[0].dim() >= 2:
+            if args[0].shape[1] % args[1] != 0:
+                raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got "
+                                   f"input of shape {list(args[0].shape)} and num_groups={args[1]}")
+            return args[0]
+        if target is F.normalize and args and isinstance(args[0], torch.Tensor):
+            return args[0]
         if target is F.layer_norm and args and isinstance(args[0], torch.Tensor):
             shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
             if isinstance(shape, (tuple, list, torch.Size)):

@@ -143,7 +143,7 @@ class _PropagationInterpreter(torch.fx.Interpreter):
             elif n.op == "call_function":
                 out = self.rules.function(n.target, args, kwargs)
             else:
-                out = NOT_HANDLED
+                out = self.rules.method(str(n.target), args, kwargs)
             if out is not NOT_HANDLED:
                 return out
             key = self.memo.key(n, args, kwargs)
