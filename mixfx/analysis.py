@@ -462,20 +462,27 @@ class _Analyser:
         return found
 
     def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:
-        """Windowed attention: the contracted dim looks symbolic but is the same at every size."""
+        """Windowed attention: the contracted dim looks symbolic but is the same at every size.
+        The contracted dim is the key's -2 for attention, the first operand's -1 for a matmul."""
         n = self.by_name[node]
-        args = [a for a in n.all_input_nodes if a.op != "get_attr"]
-        if not others or not args:
+        if not others:
             return False
-        for a in args:
+        name = op_name(n, self.gm)
+        if name in _SDPA_TARGETS or getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
+            key = n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
+            checks = [(key, -2)]
+        elif (n.target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and n.args:
+            checks = [(n.args[0], -1)]
+        else:
+            checks = [(a, -1) for a in n.all_input_nodes if a.op != "get_attr"]
+        if not checks or not all(isinstance(a, torch.fx.Node) for a, _ in checks):
+            return False
+        for a, axis in checks:
             shapes = [base.shapes.get(a.name)] + [r.shapes.get(a.name) for r in others]
-            if any(s is None for s in shapes):
+            if any(not isinstance(sh, tuple) or len(sh) < -axis for sh in shapes):
                 return False
-            if any(_concrete_depends(shapes[0], s) for s in shapes[1:]):
-                # some dim varies; is it the contracted one (last for matmul / -2 for sdpa key)?
-                dims = [s[-1] if isinstance(s, tuple) and s else None for s in shapes]
-                if len(set(dims)) > 1:
-                    return False
+            if len({sh[axis] for sh in shapes}) > 1:
+                return False
         return True
 
     def _activation_nodes(self) -> set[str]:

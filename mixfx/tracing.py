@@ -200,30 +200,30 @@ def trace(
     when they disagree."""
     attempts: list[str] = []
     fx_error: TraceError | None = None
-    try:
-        gm = fx_trace(model, leaves=leaves, autowrap=autowrap)
+    optional = _optional_arguments(model)
+    # `if mask is not None:` is traced as taken when `mask` is a Proxy: on failure, trace again
+    # with forward()'s optional arguments fixed to their default None (timm's Hiera)
+    for concrete in ([None, optional] if optional else [None]):
+        label = "fx" if concrete is None else f"fx with {', '.join(concrete)}=None"
+        try:
+            gm = fx_trace(model, leaves=leaves, autowrap=autowrap, concrete_args=concrete)
+        except TraceError as exc:
+            fx_error = fx_error or exc
+            attempts.append(f"{label}: {exc.message}")
+            continue
         problem = _graph_agrees_with_eager(gm, model, example_input) if (check and example_input is not None) else None
         if problem is None:
+            if concrete is not None:
+                attempts.append(f"{label}: the graph agrees with the eager model")
             return TraceResult(gm, "fx", attempts)
-        attempts.append(f"fx: {problem}")
-        optional = _optional_arguments(model)
-        if optional and example_input is not None:
-            # `if mask is not None:` is traced as taken when `mask` is a Proxy: trace again with
-            # the optional arguments fixed to their default None
-            gm = fx_trace(model, leaves=leaves, autowrap=autowrap, concrete_args=optional)
-            problem = _graph_agrees_with_eager(gm, model, example_input) if check else None
-            if problem is None:
-                attempts.append(f"fx with {', '.join(optional)}=None: the graph agrees with the eager model")
-                return TraceResult(gm, "fx", attempts)
-            attempts.append(f"fx with {', '.join(optional)}=None: {problem}")
-    except TraceError as exc:
-        fx_error = exc
-        attempts.append(f"fx: {exc.message}")
+        attempts.append(f"{label}: {problem}")
     if not allow_export or example_input is None:
         if fx_error is not None:
             raise fx_error
         raise TraceError(f"torch.fx traced {type(model).__name__} but the graph is wrong: {attempts[-1]}.",
                          "Try --leaf for the module involved.")
+    if example_input.is_meta and not any(p.is_meta for p in model.parameters()):
+        example_input = torch.zeros(example_input.shape, dtype=example_input.dtype)  # export runs the model
     try:
         gm = export_trace(model, example_input)
     except TraceError as exc:

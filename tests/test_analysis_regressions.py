@@ -1,0 +1,88 @@
+"""Regressions found by the zoo run (bench/zoo.py) on timm models, reproduced on small models."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixfx
+
+
+class GlobalSDPA(nn.Module):
+    """Conv stem, then attention over every token with F.scaled_dot_product_attention."""
+
+    def __init__(self, window: int | None = None):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.qkv = nn.Linear(16, 48)
+        self.window = window
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        if self.window:  # (b * windows, window*window, c): attention inside fixed windows
+            k = self.window
+            x = x.view(b, c, h // k, k, w // k, k).permute(0, 2, 4, 3, 5, 1).reshape(-1, k * k, c)
+        else:
+            x = x.flatten(2).transpose(1, 2)
+        q, kk, v = self.qkv(x).chunk(3, dim=-1)
+        x = F.scaled_dot_product_attention(q.unsqueeze(1), kk.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return self.head(x.mean(1))
+
+
+def test_sdpa_over_all_tokens_is_global_mixing():
+    rep = mixfx.analyze(GlobalSDPA(), input_shape=(1, 3, 64, 64))
+    assert rep.classification == "polymorphic"
+    assert [m.op for m in rep.global_mixing] == ["scaled_dot_product_attention"]
+
+
+def test_sdpa_inside_fixed_windows_is_local():
+    rep = mixfx.analyze(GlobalSDPA(window=4), input_shape=(1, 3, 64, 64))
+    assert rep.classification == "convolutional", rep.summary
+    assert rep.global_mixing == []
+
+
+class OptionalMask(nn.Module):
+    """`if mask is not None:` — fx takes the branch when `mask` is a Proxy (timm's Hiera)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, mask=None):
+        x = self.conv(x)
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1, *x.shape[2:])
+        return x.mean((2, 3))
+
+
+def test_optional_none_argument_is_traced_as_none():
+    rep = mixfx.analyze(OptionalMask(), input_shape=(1, 3, 32, 32))
+    assert rep.tracer == "fx"
+    assert rep.classification == "convolutional"
+    assert any("mask=None" in note for note in rep.notes)
+
+
+class PosEmbedAfterGuard(nn.Module):
+    """A position embedding behind a reshape whose guard only the example size meets: the probe
+    sizes must still differ from the example (they used to be the example itself, which 'refuted'
+    the rigid node, as on timm's convit/coat/volo)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, 16)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 14, 14))
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = x.reshape(x.shape[0], 8, 196).reshape(x.shape[0], 8, 14, 14)
+        return (x + self.pos).mean((2, 3))
+
+
+def test_probe_sizes_never_equal_the_example():
+    rep = mixfx.analyze(PosEmbedAfterGuard(), input_shape=(1, 3, 224, 224))
+    assert rep.classification == "fixed"
+    probes = [c.input_shape for c in rep.concrete_checks[1:]]
+    assert probes and all(p != [1, 3, 224, 224] for p in probes)
+    assert all(not c.ok for c in rep.concrete_checks[1:])
