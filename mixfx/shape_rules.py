@@ -12,6 +12,7 @@ transposed or reflect-padded convolutions, ...): the op then runs normally.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -131,6 +132,10 @@ class ShapeRules:
 
     # -- functions ------------------------------------------------------------------------------
     def function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target is F.scaled_dot_product_attention:
+            return self.attention(args, kwargs)
+        if target in (torch.matmul, operator.matmul) and len(args) == 2 and not kwargs:
+            return self.matmul(*args)
         if target is torch.reshape and len(args) == 2 and isinstance(args[0], torch.Tensor) and not kwargs:
             return self.reshape(args[0], (args[1],))
         if target in (torch.cat, torch.concat, torch.concatenate):
@@ -148,6 +153,34 @@ class ShapeRules:
             if isinstance(shape, (tuple, list, torch.Size)):
                 return self.layer_norm(args[0], tuple(shape))
         return NOT_HANDLED
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """Batched matmul with equal batch dims (broadcasting ones run normally)."""
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2 \
+                or (b.dim() > 2 and a.shape[:-2] != b.shape[:-2]) or a.device != b.device:
+            return NOT_HANDLED
+        if a.shape[-1] != b.shape[-2]:
+            raise RuntimeError(f"Expected size for first two dimensions of batch2 tensor to be: "
+                               f"{list(a.shape)} @ {list(b.shape)} (mat1 and mat2 shapes cannot be multiplied)")
+        return self.empty(a, (*a.shape[:-1], b.shape[-1]), torch.promote_types(a.dtype, b.dtype))
+
+    def attention(self, args: tuple, kwargs: dict) -> Any:
+        """F.scaled_dot_product_attention without a mask (or with a None one): out = q's shape with
+        v's last dim; keys and values must have one length, queries and keys one width."""
+        names = ("query", "key", "value")
+        qkv = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        if len(args) > 3 or rest.get("attn_mask") is not None or set(rest) - {"attn_mask", "dropout_p", "is_causal",
+                                                                              "scale", "enable_gqa"}:
+            return NOT_HANDLED
+        q, k, v = qkv
+        if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in qkv) or not q.dim() == k.dim() == v.dim() \
+                or not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+            return NOT_HANDLED  # broadcast or grouped-query heads: let the kernel decide
+        if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+            raise RuntimeError(f"scaled_dot_product_attention: query {list(q.shape)}, key {list(k.shape)} and value "
+                               f"{list(v.shape)} do not fit")
+        return self.empty(q, (*q.shape[:-1], v.shape[-1]))
 
     def cat(self, args: tuple, kwargs: dict) -> Any:
         tensors = args[0] if args else kwargs.get("tensors")
