@@ -126,6 +126,7 @@ class _Analyser:
     def run(self) -> AnalysisReport:
         t0 = time.perf_counter()
         base = propagate_concrete(self.gm, self.example)
+        self.base_probe_failures = base.probe_failures
         self.notes.extend(base.notes)
         self._require_example_ok(base)
         self.timings["concrete_example_s"] = time.perf_counter() - t0
@@ -152,7 +153,7 @@ class _Analyser:
 
         t0 = time.perf_counter()
         sizes = self._other_sizes(constraints)
-        others = [propagate_concrete(self.gm, s) for s in sizes]
+        others = [propagate_concrete(self.gm, s, example_probe_failures=base.probe_failures) for s in sizes]
         spatial = self._spatial_nodes(base, others)
         head_nodes = self._head_nodes(spatial, {r.node for r in rigid})
         mixing = [m for m in self._global_mixing()
@@ -542,11 +543,12 @@ class _Analyser:
             size = "x".join(map(str, run.input_shape[2:]))
             if expect_ok and run.failure is not None and run.failure.kind == "shape":
                 n = self.by_name.get(run.failure.node)
-                rigid.append(RigidNode(
-                    run.failure.node, module_path(n) if n is not None else None,
-                    op_name(n, self.gm) if n is not None else "?", "structural",
-                    f"fails at {size} although the symbolic run found no size constraint: {run.failure.error}",
-                    f"fails at {size}", None, source="concrete"))
+                if all(r.node != run.failure.node for r in rigid):
+                    rigid.append(RigidNode(
+                        run.failure.node, module_path(n) if n is not None else None,
+                        op_name(n, self.gm) if n is not None else "?", "structural",
+                        f"fails at {size} although the symbolic run found no size constraint: {run.failure.error}",
+                        f"fails at {size}", None, source="concrete"))
                 disagreements.append(
                     f"Symbolic analysis found no rigid node, but the concrete run at {size} fails at "
                     f"`{run.failure.node}`; the concrete result wins.")
@@ -601,7 +603,7 @@ class _Analyser:
                 if runs >= 12:
                     continue
                 runs += 1
-                run = propagate_concrete(self.gm, size)
+                run = propagate_concrete(self.gm, size, example_probe_failures=self.base_probe_failures)
                 if run.ok and not run.failed_asserts:
                     kept.remove(m)
                     dropped.append(f"{m.text} (the model runs at {'x'.join(map(str, size[2:]))})")

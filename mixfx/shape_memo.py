@@ -58,7 +58,8 @@ def value_key(value: Any) -> Hashable:
     raise Unkeyable(type(value).__name__)
 
 
-def _is_pure_target(target: Any) -> bool:
+def is_torch_target(target: Any) -> bool:
+    """A torch/operator function (not in-place): its result follows from its arguments."""
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", "") or ""
     if name.endswith("_") and not name.endswith("__") or name.startswith("__i"):  # in-place: x.add_, iadd
@@ -113,7 +114,7 @@ class ShapeMemo:
                 return None
             op = ("method", n.target)
         elif n.op == "call_function":
-            if not _is_pure_target(n.target):
+            if not is_torch_target(n.target):
                 return None
             op = ("function", n.target)
         else:

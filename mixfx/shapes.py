@@ -25,7 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-from mixfx.shape_memo import ShapeMemo, Unkeyable, module_key, value_key
+from mixfx.shape_memo import ShapeMemo, Unkeyable, is_torch_target, module_key, value_key
 from mixfx.shape_rules import NOT_HANDLED, SHAPE_PRESERVING_MODULES, ShapeRules
 from mixfx.tracing import is_assert_target
 
@@ -76,6 +76,7 @@ class ConcreteRun:
     failed_asserts: list[str] = field(default_factory=list)
     failure: NodeFailure | None = None
     notes: list[str] = field(default_factory=list)
+    probe_failures: dict[str, str] = field(default_factory=dict)  # node -> error of its value probe
 
     @property
     def ok(self) -> bool:
@@ -222,9 +223,41 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+VALUE_PROBE_LIMIT = 1 << 22  # elements over all tensor arguments of one probed call
+
+
 class _MetaInterpreter(_PropagationInterpreter):
+    """Meta tensors carry no values, so an opaque helper that computes indices from the input
+    size (timm's MViTv2 `cal_rel_pos_type` indexes a fixed-size position table) runs fine on meta
+    at any size. Each such call (a function outside torch, e.g. one of timm's autowrapped ones)
+    is therefore also run once on real zero tensors of the same shapes ("value probe"); its
+    failures are recorded, and a caller compares them with the example size's."""
+
+    def __init__(self, gm: torch.fx.GraphModule, *, fast: bool = True, probe_values: bool = False):
+        super().__init__(gm, fast=fast)
+        self.probe_values = probe_values
+        self.probe_failures: dict[str, str] = {}
+
     def get_attr(self, target, args, kwargs):  # plain tensor attributes that are not buffers
         return _to_meta(super().get_attr(target, args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
+        if self.probe_values and not is_torch_target(target) and not is_assert_target(target):
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if tensors and sum(t.numel() for t in tensors) <= VALUE_PROBE_LIMIT:
+                real_args, real_kwargs = torch.utils._pytree.tree_map(_zeros_for_meta, (args, kwargs))
+                try:
+                    target(*real_args, **real_kwargs)
+                except Exception as exc:  # noqa: BLE001 - a finding, compared with the example's
+                    self.probe_failures[self.current.name] = _short(exc)
+        return out
+
+
+def _zeros_for_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return torch.zeros(value.shape, dtype=value.dtype)
+    return value
 
 
 def _shape_of(value: Any) -> Any:
@@ -237,13 +270,22 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, allow_real: bool = True) -> ConcreteRun:
+def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, allow_real: bool = True,
+                       example_probe_failures: dict[str, str] | None = None) -> ConcreteRun:
     """Run `gm` on a meta tensor of `input_shape`; never raises for failures inside the graph.
 
     Where a node cannot run on meta tensors (data-dependent control flow in a leaf module, an op
     without a meta kernel) and the model has real weights, the run is repeated on a real random
-    input (real compute, so only as a fallback)."""
+    input (real compute, so only as a fallback).
+
+    Opaque helper functions are value-probed (see `_MetaInterpreter`). Given the probe failures
+    at the example size, a probe that fails here but not there is this run's failure."""
     run = _propagate(gm, input_shape, real=False)
+    if example_probe_failures is not None and run.failure is None:
+        new = [name for name in run.probe_failures if name not in example_probe_failures]
+        if new:
+            run.failure = NodeFailure(new[0], run.probe_failures[new[0]] + " (on real zeros of the same shapes)",
+                                      "shape")
     if (allow_real and run.failure is not None and run.failure.kind in ("data_dependent", "unsupported")
             and not any(t.is_meta for t in [*gm.parameters(), *gm.buffers()])):
         real = _propagate(gm, input_shape, real=True)
@@ -282,7 +324,8 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
             shapes[n.name] = _shape_of(out)
             return out
 
-    interp = _Recorder(gm, fast=not real)  # real values can decide shapes (nonzero, masks)
+    # real values can decide shapes (nonzero, masks): no shortcuts on real tensors
+    interp = _Recorder(gm, fast=not real) if real else _Recorder(gm, probe_values=True)
     ctx = contextlib.nullcontext() if real else meta_weights(gm)
     x = torch.randn(input_shape) if real else torch.empty(input_shape, device="meta")
     with ctx, torch.no_grad():
@@ -294,6 +337,7 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
     for name, cond in interp.skipped_asserts.items():
         if _is_false(cond):
             run.failed_asserts.append(name)
+    run.probe_failures = getattr(interp, "probe_failures", {})
     return run
 
 

@@ -86,3 +86,30 @@ def test_probe_sizes_never_equal_the_example():
     probes = [c.input_shape for c in rep.concrete_checks[1:]]
     assert probes and all(p != [1, 3, 224, 224] for p in probes)
     assert all(not c.ok for c in rep.concrete_checks[1:])
+
+
+@torch.fx.wrap
+def relative_bias(attn: torch.Tensor, table: torch.Tensor, size: int) -> torch.Tensor:
+    """Indexes a fixed-size table with positions computed from the size (MViTv2's cal_rel_pos_type)."""
+    dist = torch.arange(size)[:, None] - torch.arange(size)[None, :] + (size - 1)
+    return attn + table[dist].sum(-1).mean()
+
+
+class PositionTable(nn.Module):
+    def __init__(self, grid: int = 14):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, 16)
+        self.table = nn.Parameter(torch.zeros(2 * grid - 1, 4))
+
+    def forward(self, x):
+        x = self.proj(x)
+        return relative_bias(x, self.table, x.shape[2]).mean((2, 3))
+
+
+def test_value_probe_finds_a_table_indexed_past_its_end():
+    rep = mixfx.analyze(PositionTable(), input_shape=(1, 3, 224, 224))
+    assert rep.classification == "fixed"
+    assert [r.op for r in rep.rigid_nodes] == ["relative_bias"]
+    assert "IndexError" in rep.rigid_nodes[0].reason
+    # the larger probe fails, on real zeros of the recorded shapes
+    assert any(not c.ok and c.input_shape[2] > 224 for c in rep.concrete_checks)
