@@ -45,7 +45,7 @@ FIELDS = [
     "name", "family", "params_m", "status", "error_stage", "error",
     "tracer", "trace_attempts", "classification", "fully_convolutional", "n_rigid", "rigid", "head",
     "constraints", "output_shape", "internal_disagreements",
-    "build_meta_s", "analysis_s", "analysis_mb",
+    "build_meta_s", "analysis_s", "trace_s", "symbolic_s", "symbolic_stopped", "analysis_mb",
     "concrete", "concrete_runs", "concrete_verdict", "agrees", "concrete_s", "concrete_mb",
     "conv_status", "conv_changes", "conv_skipped", "conv_linear_before", "conv_linear_after",
     "conv_max_abs_err", "conv_s", "conv_mb", "conv_error",
@@ -66,6 +66,19 @@ def _count(module, kind: str) -> int:
     if kind == "linear":
         return sum(isinstance(m, nn.Linear) for m in module.modules())
     return sum(isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) for m in module.modules())
+
+
+def _randomise_zero_parameters(model) -> None:
+    """timm zero-initialises some heads, gates and layer scales; with them the output is
+    identically zero (or blind to whole branches) and a rewrite's numeric check proves nothing.
+    Such parameters get small random values (the rewrite must hold for any weights)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 # ----------------------------------------------------------------------------- one model (child)
@@ -117,6 +130,10 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
         row["constraints"] = "; ".join(map(str, rep.constraints))[:400]
         row["output_shape"] = str(rep.output_shape)[:200]
         row["internal_disagreements"] = " | ".join(map(str, rep.disagreements))[:400]
+        row["trace_s"] = round(rep.timings.get("trace_s", 0.0), 4)
+        row["symbolic_s"] = round(rep.timings.get("symbolic_s", 0.0), 4)
+        row["symbolic_stopped"] = next(((("budget" if "budget" in n else "failure") + ": " + n.split(":")[0][29:])[:140]
+                                        for n in rep.notes if n.startswith("Symbolic propagation stopped")), "")
         del model
 
         # ---- concrete confirmation (ground truth)
@@ -128,6 +145,7 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
             with timed(row, "concrete"):
                 torch.manual_seed(0)
                 real = build_timm(name, meta=False)
+                _randomise_zero_parameters(real)
                 runs = []
                 sizes = [shape] + other_sizes(shape)
                 oks = []
@@ -163,7 +181,8 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
             try:
                 with timed(row, key):
                     res = mixfx.rewrite(real, to=target, example_input=torch.randn(shape), analyze=False)
-                row[f"{key}_status"] = "verified" if res.verification.passed else "MISMATCH"
+                row[f"{key}_status"] = ("MISMATCH" if not res.verification.passed
+                                        else "degenerate" if res.verification.degenerate else "verified")
                 row[f"{key}_changes"] = len(res.changes)
                 row[f"{key}_skipped"] = len(res.skipped)
                 row[after_name] = _count(res.module, counted)
@@ -306,8 +325,10 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str) -> str:
         silent = [r for r in tried if r[f"{key}_status"] == "MISMATCH"]
         vf = [r for r in tried if r[f"{key}_status"] == "verify_failed"]
         err = [r for r in tried if r[f"{key}_status"] == "error"]
-        lines.append(f"| {label}: verified-equivalent / caught mismatch (VerificationError) / pass error / silent mismatch "
-                     f"| {len(ver)} / {len(vf)} / {len(err)} / {len(silent)} of {len(tried)} | zero silent |")
+        weak = [r for r in tried if r[f"{key}_status"] == "degenerate"]
+        lines.append(f"| {label}: verified-equivalent / zero outputs, unverifiable / caught mismatch (VerificationError) / "
+                     f"pass error / silent mismatch | {len(ver)} / {len(weak)} / {len(vf)} / {len(err)} / {len(silent)} "
+                     f"of {len(tried)} | zero silent |")
     with_lin = [r for r in ok if (r.get("conv_linear_before") or "0") not in ("", "0")
                 and r.get("conv_status") == "verified"]
     full = [r for r in with_lin if r.get("conv_linear_after") == "0"]
@@ -315,6 +336,16 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str) -> str:
     if an_times:
         lines.append(f"| analysis time per model: median / p90 / max | {statistics.median(an_times):.2f} s / "
                      f"{quantile(an_times, 0.9):.2f} s / {max(an_times):.2f} s | median < 0.5 s |")
+    for key, label in (("trace_s", "trace"), ("symbolic_s", "symbolic run")):
+        vals = [_f(r.get(key)) for r in ok if _f(r.get(key)) is not None]
+        if vals:
+            lines.append(f"| {label} time per model: median / p90 | {statistics.median(vals):.2f} s / "
+                         f"{quantile(vals, 0.9):.2f} s | |")
+    stopped = [r for r in ok if r.get("symbolic_stopped")]
+    if any("trace_s" in r for r in rows):
+        by_budget = sum((r.get("symbolic_stopped") or "").startswith("budget") for r in stopped)
+        lines.append(f"| symbolic run stopped early, by its budget / by a failure (rest judged concretely) | "
+                     f"{by_budget} / {len(stopped) - by_budget} | |")
     tot = [_f(r.get("total_s")) for r in rows if _f(r.get("total_s")) is not None]
     if tot:
         lines.append(f"| all steps per model: median / p90 | {statistics.median(tot):.1f} s / {quantile(tot, 0.9):.1f} s | |")

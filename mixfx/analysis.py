@@ -433,7 +433,8 @@ class _Analyser:
 
     def _concrete_mixing(self, base: ConcreteRun, others: list[ConcreteRun]) -> list[GlobalMixing]:
         """Global mixing where the symbolic run did not reach (it stopped or ran out of budget):
-        a matmul/attention whose contracted length differs between the concrete runs."""
+        attention, a matmul of two activations or an RNN whose length differs between the
+        concrete runs."""
         if not others or self.sym.failure is None:
             return []
         activations = self._activation_nodes()
@@ -441,50 +442,49 @@ class _Analyser:
         for n in self.nodes:
             if n.name in self.sym.values or n.op not in ("call_function", "call_method", "call_module"):
                 continue
-            acts = [a for a in n.args if isinstance(a, torch.fx.Node) and a.name in activations]
-            name = op_name(n, self.gm)
-            if (n.target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and len(acts) >= 2:
-                arg, axis, what = acts[0], -1, "matmul of two activations contracts"
-            elif (name in _SDPA_TARGETS or getattr(n.target, "__name__", "") == "scaled_dot_product_attention") \
-                    and len(acts) >= 2:
-                arg, axis, what = acts[1], -2, "attention runs over"
-            else:
+            operand = self._contracted_operand(n)
+            if operand is None or (n.op != "call_module" and sum(
+                    isinstance(a, torch.fx.Node) and a.name in activations for a in n.args) < 2):
                 continue
-            shapes = [run.shapes.get(arg.name) for run in (base, *others)]
-            if any(not isinstance(sh, tuple) or len(sh) < -axis for sh in shapes):
-                continue
-            lengths = [sh[axis] for sh in shapes]
-            if len(set(lengths)) > 1:
+            lengths = self._concrete_lengths(*operand, base, others)
+            if lengths is not None and len(set(lengths)) > 1:
                 sizes = ", ".join(f"{length} at {'x'.join(map(str, run.input_shape[2:]))}"
                                   for length, run in zip(lengths, (base, *others)))
-                found.append(GlobalMixing(n.name, module_path(n), name,
-                                          f"{what} a length that grows with the input ({sizes}; from concrete runs): "
-                                          "every position mixes with every other (global attention)"))
+                found.append(GlobalMixing(n.name, module_path(n), op_name(n, self.gm),
+                                          f"runs along a length that grows with the input ({sizes}; from concrete "
+                                          "runs): every position mixes with every other"))
         return found
 
-    def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:
-        """Windowed attention: the contracted dim looks symbolic but is the same at every size.
-        The contracted dim is the key's -2 for attention, the first operand's -1 for a matmul."""
-        n = self.by_name[node]
-        if not others:
-            return False
+    def _contracted_operand(self, n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+        """The operand and axis a mixing op runs along: the key's tokens for attention, the first
+        operand's last dim for a matmul, the sequence dim for an RNN/MultiheadAttention."""
         name = op_name(n, self.gm)
         if name in _SDPA_TARGETS or getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
-            key = n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
-            checks = [(key, -2)]
+            operand, axis = (n.args[1] if len(n.args) > 1 else n.kwargs.get("key")), -2
         elif (n.target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and n.args:
-            checks = [(n.args[0], -1)]
+            operand, axis = n.args[0], -1
+        elif n.op == "call_module" and isinstance(self.gm.get_submodule(str(n.target)), _SEQUENCE_MODULES) and n.args:
+            operand, axis = n.args[0], (1 if getattr(self.gm.get_submodule(str(n.target)), "batch_first", False) else 0)
         else:
-            checks = [(a, -1) for a in n.all_input_nodes if a.op != "get_attr"]
-        if not checks or not all(isinstance(a, torch.fx.Node) for a, _ in checks):
+            return None
+        return (operand, axis) if isinstance(operand, torch.fx.Node) else None
+
+    def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:
+        """Windowed attention: the contracted dim looks symbolic but is the same at every size."""
+        found = self._contracted_operand(self.by_name[node])
+        if not others or found is None:
             return False
-        for a, axis in checks:
-            shapes = [base.shapes.get(a.name)] + [r.shapes.get(a.name) for r in others]
-            if any(not isinstance(sh, tuple) or len(sh) < -axis for sh in shapes):
-                return False
-            if len({sh[axis] for sh in shapes}) > 1:
-                return False
-        return True
+        operand, axis = found
+        lengths = self._concrete_lengths(operand, axis, base, others)
+        return lengths is not None and len(set(lengths)) == 1
+
+    @staticmethod
+    def _concrete_lengths(operand: torch.fx.Node, axis: int, base: ConcreteRun,
+                          others: list[ConcreteRun]) -> list[int] | None:
+        shapes = [run.shapes.get(operand.name) for run in (base, *others)]
+        if any(not isinstance(sh, tuple) or len(sh) <= (axis if axis >= 0 else -axis - 1) for sh in shapes):
+            return None
+        return [sh[axis] for sh in shapes]
 
     def _activation_nodes(self) -> set[str]:
         act: set[str] = set()

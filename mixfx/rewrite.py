@@ -106,14 +106,17 @@ def default_passes(to: str, only: str | None = None) -> list[RewritePass]:
     return keep
 
 
-def _trace(model: nn.Module, leaves: Sequence) -> GraphModule:
+def _trace(model: nn.Module, leaves: Sequence, example_input: torch.Tensor) -> GraphModule:
     if isinstance(model, GraphModule):
         return copy.deepcopy(model)
-    from mixfx.tracing import fx_trace
+    from mixfx.tracing import trace
 
-    # mixfx's own channel LayerNorm stays one node, so a rewritten model can be rewritten back
-    gm = fx_trace(model, leaves=tuple(leaves) + (ChannelLayerNorm,), autowrap=(channel_layer_norm,))
-    return copy.deepcopy(gm)
+    # mixfx's own channel LayerNorm stays one node, so a rewritten model can be rewritten back.
+    # fx only (the passes need module-level Linear/Conv nodes), checked against the eager model,
+    # retraced with optional `mask=None`-style arguments fixed where the first graph is wrong.
+    traced = trace(model, example_input, leaves=tuple(leaves) + (ChannelLayerNorm,),
+                   autowrap=(channel_layer_norm,), allow_export=False)
+    return copy.deepcopy(traced.graph_module)
 
 
 def _analyse(module: nn.Module, example_input: torch.Tensor, leaves: Sequence) -> Any:
@@ -174,7 +177,7 @@ def rewrite(
         timings["analyse_before_s"] = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
-        gm = _trace(model, leaves)
+        gm = _trace(model, leaves, example_input)
         timings["trace_s"] = time.perf_counter() - t0
         pipeline = list(passes) if passes is not None else default_passes(to, only)
         annotate_example_inputs(gm, example_input)
@@ -212,6 +215,9 @@ def rewrite(
             extra = [tuple(s) for s in verify_sizes]
         verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol)
         timings["verify_s"] = time.perf_counter() - t0
+        if verification.degenerate:
+            notes.append("verification proves nothing here: the original's outputs are identically zero on random "
+                         "inputs (a zero-initialised head?); verify the rewrite with trained weights")
 
         t0 = time.perf_counter()
         report_after = None

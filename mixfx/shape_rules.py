@@ -46,6 +46,9 @@ class ShapeRules:
 
     # -- modules --------------------------------------------------------------------------------
     def module(self, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if type(mod) in (nn.LSTM, nn.GRU, nn.RNN) and args and isinstance(args[0], torch.Tensor) and not kwargs \
+                and all(a is None for a in args[1:]):
+            return self.rnn(mod, args[0])
         if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
             return NOT_HANDLED
         x = args[0]
@@ -77,6 +80,23 @@ class ShapeRules:
         if x.dim() < k or any(a != b for a, b in zip(x.shape[-k:], normalized_shape)):
             raise RuntimeError(f"LayerNorm over {list(normalized_shape)} got shape {list(x.shape)}")
         return x
+
+    def rnn(self, mod: nn.RNNBase, x: torch.Tensor) -> Any:
+        """LSTM/GRU/RNN without an initial state: on meta tensors the recurrence is decomposed
+        step by step in Python (0.3 s per call for Sequencer's short rows)."""
+        if x.dim() != 3:
+            return NOT_HANDLED  # unbatched input
+        if x.shape[-1] != mod.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {mod.input_size}, got "
+                               f"{x.shape[-1]}")
+        d = 2 if mod.bidirectional else 1
+        out = mod.proj_size if getattr(mod, "proj_size", 0) else mod.hidden_size
+        batch = x.shape[0] if mod.batch_first else x.shape[1]
+        output = self.empty(x, (*x.shape[:2], d * out))
+        h_n = self.empty(x, (d * mod.num_layers, batch, out))
+        if isinstance(mod, nn.LSTM):
+            return output, (h_n, self.empty(x, (d * mod.num_layers, batch, mod.hidden_size)))
+        return output, h_n
 
     def conv(self, mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> Any:
         nd = len(mod.kernel_size)

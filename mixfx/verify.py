@@ -51,9 +51,17 @@ class Verification:
     sizes: list[SizeCheck] = field(default_factory=list)
     seed: int = SEED
 
+    @property
+    def degenerate(self) -> bool:
+        """Every compared output is identically zero (a zero-initialised head): the comparison
+        passes whatever the rewrite did, so it proves nothing."""
+        compared = [s for s in self.sizes if s.error is None]
+        return bool(compared) and all(s.ref_scale == 0 and s.max_abs_err == 0 for s in compared)
+
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
-                "tolerance": dict(self.tolerance), "seed": self.seed, "sizes": [s.to_dict() for s in self.sizes]}
+        return {"passed": self.passed, "degenerate": self.degenerate, "max_abs_err": self.max_abs_err,
+                "max_rel_err": self.max_rel_err, "tolerance": dict(self.tolerance), "seed": self.seed,
+                "sizes": [s.to_dict() for s in self.sizes]}
 
     def summary(self) -> str:
         shapes = ", ".join("x".join(map(str, s.input_shape)) for s in self.sizes)

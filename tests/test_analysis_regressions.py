@@ -113,3 +113,46 @@ def test_value_probe_finds_a_table_indexed_past_its_end():
     assert "IndexError" in rep.rigid_nodes[0].reason
     # the larger probe fails, on real zeros of the recorded shapes
     assert any(not c.ok and c.input_shape[2] > 224 for c in rep.concrete_checks)
+
+
+class RowLSTM(nn.Module):
+    """Sequencer-style: an LSTM along every row of the feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.rnn = nn.LSTM(8, 6, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        y, _ = self.rnn(x.reshape(b * h, w, c))
+        return self.head(y.reshape(b, h, w, -1).mean((1, 2)))
+
+
+def test_rnn_along_rows_is_global_mixing_with_the_rnn_shape_rule():
+    rep = mixfx.analyze(RowLSTM(), input_shape=(1, 3, 64, 96))
+    assert rep.classification == "polymorphic"
+    assert [m.op for m in rep.global_mixing] == ["LSTM"]
+    assert "W//4" in rep.global_mixing[0].reason
+    out = {n.name: n.shape for n in rep.nodes}["rnn"]
+    assert out.startswith("([H//4, W//4, 12], [2, H//4, 6], [2, H//4, 6])"), out
+
+
+def test_rewrite_traces_optional_none_arguments_as_none():
+    model = OptionalMask().eval()
+    res = mixfx.rewrite(model, to="linear", example_input=torch.randn(1, 3, 16, 16), analyze=False)
+    assert res.verification.passed
+
+
+def test_zero_output_verification_is_flagged_as_proving_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    nn.init.zeros_(model[3].weight)
+    nn.init.zeros_(model[3].bias)  # timm-style zero-initialised head
+    res = mixfx.rewrite(model, to="conv", example_input=torch.randn(1, 3, 16, 16), analyze=False)
+    assert res.verification.passed and res.verification.degenerate
+    assert any("proves nothing" in note for note in res.notes)
+    nn.init.normal_(model[3].weight)
+    res = mixfx.rewrite(model, to="conv", example_input=torch.randn(1, 3, 16, 16), analyze=False)
+    assert res.verification.passed and not res.verification.degenerate

@@ -110,6 +110,8 @@ def render_result(result: RewriteResult, name: str) -> None:
             table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
                           f"{s.ref_scale:.3g}", verdict)
         table.caption = f"tolerance: max abs err <= {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} * max|ref|"
+        if v.degenerate:
+            table.caption += " (all outputs are zero: this comparison cannot detect a wrong rewrite)"
         console.print(table)
     if result.classification_before is not None:
         table = Table(title="Analysis verdict")
