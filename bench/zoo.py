@@ -409,17 +409,23 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str) -> str:
 
 
 def _warm_up() -> None:
-    """Import mixfx and analyse a tiny model once in the parent, so that every forked child starts
-    warm (imports, sympy caches), as a library user's second call does. Meta device only: no
-    compute threads are started before the fork."""
+    """Import mixfx and analyse a few small models once in the parent, so that every forked child
+    starts warm (imports, sympy caches, torch's lazily built op tables), as a library user's
+    second call does. Meta device only: no compute threads are started before the fork."""
+    import timm
     import torch
     from torch import nn
 
     import mixfx
 
     with torch.device("meta"):
-        m = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    mixfx.analyze(m, torch.empty(1, 3, 64, 64, device="meta"))
+        models = [nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(8, 4)),
+                  timm.create_model("resnet18"),
+                  timm.create_model("vit_tiny_patch16_224", depth=1),
+                  timm.create_model("convnext_atto", depths=(1, 1, 1, 1))]
+    for m in models:
+        mixfx.analyze(m, torch.empty(1, 3, 224, 224, device="meta"))
 
 
 def _prev_wall(md: Path) -> float | None:

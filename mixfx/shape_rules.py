@@ -120,9 +120,41 @@ class ShapeRules:
 
     # -- methods --------------------------------------------------------------------------------
     def method(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if name == "reshape" and args and isinstance(args[0], torch.Tensor) and not kwargs:
+        if not args or not isinstance(args[0], torch.Tensor) or kwargs:
+            return NOT_HANDLED
+        if name == "reshape":
             return self.reshape(args[0], args[1:])
+        if name in ("add", "mul", "sub", "div") and len(args) == 2:
+            return self.elementwise(args[0], args[1])
         return NOT_HANDLED
+
+    def elementwise(self, a: Any, b: Any) -> Any:
+        """A binary op on floating tensors (or a tensor and a Python number): the broadcast shape,
+        with the kernel's checks (equal sizes, or one of them 1)."""
+        tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+        if not tensors or any(not isinstance(t, (torch.Tensor, int, float)) or isinstance(t, bool) for t in (a, b)) \
+                or any(not t.is_floating_point() for t in tensors) or len({t.device for t in tensors}) != 1:
+            return NOT_HANDLED
+        if len(tensors) == 1:
+            return tensors[0]
+        if a.dtype != b.dtype:
+            return NOT_HANDLED  # type promotion between tensors: let the kernel decide
+        if a.shape == b.shape:
+            return a
+        sizes = []
+        for i in range(1, max(a.dim(), b.dim()) + 1):
+            x = a.shape[-i] if i <= a.dim() else 1
+            y = b.shape[-i] if i <= b.dim() else 1
+            if isinstance(x, int) and x == 1:
+                sizes.append(y)
+            elif isinstance(y, int) and y == 1:
+                sizes.append(x)
+            elif x == y:
+                sizes.append(x)
+            else:  # torch's own wording
+                raise RuntimeError(f"The size of tensor a ({x}) must match the size of tensor b ({y}) at "
+                                   f"non-singleton dimension {max(a.dim(), b.dim()) - i}")
+        return self.empty(a if a.dim() >= b.dim() else b, tuple(reversed(sizes)))
 
     def reshape(self, x: torch.Tensor, sizes: tuple) -> Any:
         """`reshape` without the reference implementation's stride analysis (which guards on every
@@ -152,6 +184,9 @@ class ShapeRules:
 
     # -- functions ------------------------------------------------------------------------------
     def function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul) \
+                and len(args) == 2 and not kwargs:
+            return self.elementwise(args[0], args[1])
         if target is F.scaled_dot_product_attention:
             return self.attention(args, kwargs)
         if target in (torch.matmul, operator.matmul) and len(args) == 2 and not kwargs:

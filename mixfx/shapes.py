@@ -91,7 +91,7 @@ def classify_exception(exc: BaseException) -> str:
     if isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in text or "data dependent" in text \
             or ".item()" in text:
         return "data_dependent"
-    if "meta tensor" in text or "on meta" in text or "'meta'" in text:
+    if "meta tensor" in text or "on meta" in text or "'meta'" in text or "device meta" in text:
         return "unsupported"
     if "no fake impl" in text or "register_fake" in text or "abstract impl" in text:  # custom op without a shape rule
         return "unsupported"
