@@ -111,26 +111,25 @@ def is_size_view(node: Node) -> bool:
     return bool(sizes) and all(isinstance(s, (int, Node)) and not isinstance(s, bool) for s in sizes)
 
 
-def descendants(nodes: Iterable[Node]) -> set[Node]:
+def _closure(nodes: Iterable[Node], step) -> set[Node]:
     seen: set[Node] = set()
     stack = list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.users)
+            stack.extend(step(n))
     return seen
+
+
+def descendants(nodes: Iterable[Node]) -> set[Node]:
+    """`nodes` and every node that uses them, directly or not."""
+    return _closure(nodes, lambda n: n.users)
 
 
 def ancestors(nodes: Iterable[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    """`nodes` and every node they read, directly or not."""
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 class _ViewFixer(torch.fx.Interpreter):

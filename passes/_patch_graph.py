@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._fxutil import module_of
+from passes._fxutil import ancestors, module_of
 
 EXAMPLE_KEY = "mixfx_example"  # same key as passes._fxutil.annotate_example_inputs
 
@@ -166,17 +166,6 @@ def example_inputs(gm: GraphModule, given: Sequence[Any] | None = None) -> list[
                 "passes._fxutil.annotate_example_inputs(gm, x) or pass example_inputs= to the pass")
         values.append(torch.randn(tuple(shape), dtype=getattr(meta, "dtype", torch.float32)))
     return values
-
-
-def ancestors(nodes: Iterable[Node]) -> set[Node]:
-    seen: set[Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def evaluate(gm: GraphModule, wanted: Iterable[Node], inputs: Sequence[Any]) -> dict[Node, Any]:
