@@ -52,6 +52,24 @@ def other_sizes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
+def other_size_candidates(shape: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
+    """For each of `other_sizes`, the same target size rounded to multiples of 32, 64 and 128
+    (distinct, H != W): a network that needs H % 64 == 0 is still shape-polymorphic, and the
+    ground truth must not call it fixed because 288 is not a multiple of 64."""
+    b, c, h, w = shape[0], shape[1], shape[-2], shape[-1]
+    out = []
+    for fh, fw in ((1.25, 0.875), (0.75, 1.125)):
+        cands: list[tuple[int, ...]] = []
+        for m in (32, 64, 128):
+            hh, ww = max(m, m * round(fh * h / m)), max(m, m * round(fw * w / m))
+            if hh == ww:
+                ww += m
+            if (hh, ww) != (h, w) and (b, c, hh, ww) not in cands:
+                cands.append((b, c, hh, ww))
+        out.append(cands)
+    return out
+
+
 def quantile(xs: list[float], q: float) -> float | None:
     xs = sorted(x for x in xs if x is not None)
     if not xs:
