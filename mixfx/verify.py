@@ -11,6 +11,10 @@ product (a 1x1 conv and a Linear run different kernels), and an output element t
 gets a large element-wise relative error from rounding alone. `max_rel_err` is reported the same
 way: `max|out - ref| / max|ref|`. Real rewrite errors (wrong weight order, wrong dim) are of the
 order of the outputs themselves, far above this tolerance.
+
+Where float32 misses the tolerance without a structural error, the comparison is repeated on
+float64 copies with rtol 1e-9 (`float64_sizes`): some randomly initialised networks amplify
+float32 rounding past any fixed tolerance even against themselves.
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ class Verification:
     tolerance: dict[str, float]
     sizes: list[SizeCheck] = field(default_factory=list)
     seed: int = SEED
+    # float32 failed on rounding alone: the same comparison in float64 (see `verify`)
+    float64_sizes: list[SizeCheck] = field(default_factory=list)
 
     @property
     def degenerate(self) -> bool:
@@ -61,13 +67,19 @@ class Verification:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "degenerate": self.degenerate, "max_abs_err": self.max_abs_err,
                 "max_rel_err": self.max_rel_err, "tolerance": dict(self.tolerance), "seed": self.seed,
-                "sizes": [s.to_dict() for s in self.sizes]}
+                "sizes": [s.to_dict() for s in self.sizes],
+                "float64_sizes": [s.to_dict() for s in self.float64_sizes]}
 
     def summary(self) -> str:
         shapes = ", ".join("x".join(map(str, s.input_shape)) for s in self.sizes)
         verdict = "passed" if self.passed else "FAILED"
-        return (f"{verdict} at {shapes}: max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
+        text = (f"{verdict} at {shapes}: max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
                 f"(tolerance atol={self.tolerance['atol']:g} + rtol={self.tolerance['rtol']:g} * max|ref|)")
+        if self.float64_sizes:
+            rel = max(c.max_rel_err for c in self.float64_sizes)
+            text += (f"; float32 missed the tolerance, so the check was repeated in float64: max rel err {rel:.3g} "
+                     f"({'within' if self.passed else 'above'} {FLOAT64_RTOL:g})")
+        return text
 
 
 def random_input(shape: Sequence[int], like: torch.Tensor | None = None, seed: int = SEED) -> torch.Tensor:
@@ -164,4 +176,37 @@ def verify(
     max_abs = max((c.max_abs_err for c in compared), default=0.0)
     max_rel = max((c.max_rel_err for c in compared), default=0.0)
     passed = bool(checks) and all(c.passed for c in checks) and bool(compared)
-    return Verification(passed, max_abs, max_rel, {"atol": atol, "rtol": rtol}, checks, seed)
+    result = Verification(passed, max_abs, max_rel, {"atol": atol, "rtol": rtol}, checks, seed)
+    if not passed and example_input.dtype == torch.float32 and all(c.error is None for c in checks):
+        result.float64_sizes = _float64_checks(original, rewritten, example_input, extra_sizes, seed)
+        result.passed = bool(result.float64_sizes) and all(c.passed for c in result.float64_sizes)
+    return result
+
+
+FLOAT64_RTOL = 1e-9
+
+
+def _float64_checks(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
+                    extra_sizes: Sequence[Sequence[int]], seed: int) -> list[SizeCheck]:
+    """The float32 outputs differ by more than the tolerance, with no structural error. Deep
+    networks with random weights (timm's EfficientNetV2: activations ~1e3 through a dozen
+    squeeze-excite gates) amplify float32 rounding past any fixed tolerance: the unmodified model
+    misses it against itself with another conv backend. In float64 rounding is ~1e-16, so a
+    correct rewrite matches to ~1e-12 relative and a wrong one stays of the order of the outputs;
+    compare there (on copies: the caller's models are not changed)."""
+    import copy
+
+    try:
+        ref_model, new_model = copy.deepcopy(original).double().eval(), copy.deepcopy(rewritten).double().eval()
+    except Exception:  # noqa: BLE001 - a module that cannot be copied or cast: no second opinion
+        return []
+    out = []
+    for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
+        x = random_input(shape, example_input, seed + i).double()
+        try:
+            ref, got = _run(ref_model, x), _run(new_model, x)
+        except Exception:  # noqa: BLE001
+            return []
+        abs_err, rel_err, scale, ok, error = compare_outputs(ref, got, 0.0, FLOAT64_RTOL)
+        out.append(SizeCheck(shape, abs_err, rel_err, scale, ok, error))
+    return out

@@ -156,3 +156,34 @@ def test_zero_output_verification_is_flagged_as_proving_nothing():
     nn.init.normal_(model[3].weight)
     res = mixfx.rewrite(model, to="conv", example_input=torch.randn(1, 3, 16, 16), analyze=False)
     assert res.verification.passed and not res.verification.degenerate
+
+
+class ElementwiseLinear(nn.Module):
+    """The same affine map as `linear`, summed in another order: equal up to rounding."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return (x.unsqueeze(-2) * self.linear.weight).sum(-1) + self.linear.bias
+
+
+def test_float32_rounding_is_rechecked_in_float64_and_real_errors_still_fail():
+    from mixfx.verify import verify
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64)
+    x = torch.randn(2, 256)
+    # zero tolerance: float32 fails on rounding alone, float64 shows the maps are equal
+    v = verify(linear, ElementwiseLinear(linear), x, atol=0.0, rtol=0.0)
+    assert not all(c.passed for c in v.sizes) and v.float64_sizes
+    assert v.passed and v.float64_sizes[0].max_rel_err < 1e-12
+    # a real error (one weight off by 1e-4 of the scale) fails in both
+    wrong = nn.Linear(256, 64)
+    with torch.no_grad():
+        wrong.weight.copy_(linear.weight)
+        wrong.bias.copy_(linear.bias)
+        wrong.weight[0, 0] += 1e-4 * linear.weight.abs().max()
+    v = verify(linear, wrong, x, atol=0.0, rtol=0.0)
+    assert not v.passed and v.float64_sizes and not v.float64_sizes[0].passed

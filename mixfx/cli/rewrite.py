@@ -109,7 +109,13 @@ def render_result(result: RewriteResult, name: str) -> None:
                 verdict += f" ({s.error})"
             table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
                           f"{s.ref_scale:.3g}", verdict)
+        for s in v.float64_sizes:
+            verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
+            table.add_row("x".join(map(str, s.input_shape)) + " (float64)", f"{s.max_abs_err:.3g}",
+                          f"{s.max_rel_err:.3g}", f"{s.ref_scale:.3g}", verdict)
         table.caption = f"tolerance: max abs err <= {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} * max|ref|"
+        if v.float64_sizes:
+            table.caption += "; float32 missed it, float64 rows: rel err <= 1e-9"
         if v.degenerate:
             table.caption += " (all outputs are zero: this comparison cannot detect a wrong rewrite)"
         console.print(table)
