@@ -172,27 +172,25 @@ def meta_weights(gm: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def shortcut_forwards(model: nn.Module) -> Iterator[None]:
     """Give the eager model the interpreter's shortcuts, for a cheap eager run on meta tensors:
-    shape-preserving modules return their input, and built-in leaf modules (Conv, Linear, pools)
-    reuse the output of an earlier call with the same configuration and input shape. Installed as
-    instance attributes, removed on exit."""
+    modules `ShapeRules` knows get their shape from it, other built-in leaf modules reuse the
+    output of an earlier call with the same configuration and input shape. Installed as instance
+    attributes, removed on exit."""
+    rules = ShapeRules()
     memo: dict[Any, Any] = {}
-    patched: list[tuple[nn.Module, Any]] = []
+    patched: list[nn.Module] = []
 
-    def preserving(mod, original):
-        def forward(*args, **kwargs):
-            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-                x = args[0]
-                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (x.dim() < 2 or x.shape[1] != mod.num_features):
-                    raise RuntimeError(f"{type(mod).__name__} expects {mod.num_features} channels, got {list(x.shape)}")
-                return x
-            return original(*args, **kwargs)
-        return forward
+    def shortcut(mod: nn.Module, config: Any):
+        original = mod.forward
 
-    def memoised(config, original):
         def forward(*args, **kwargs):
+            out = rules.module(mod, args, kwargs)
+            if out is not NOT_HANDLED:
+                return out
             try:
-                key = (config, value_key(args), value_key(kwargs))
+                key = None if config is None else (config, value_key(args), value_key(kwargs))
             except Unkeyable:
+                key = None
+            if key is None:
                 return original(*args, **kwargs)
             if key not in memo:
                 memo[key] = original(*args, **kwargs)
@@ -202,13 +200,10 @@ def shortcut_forwards(model: nn.Module) -> Iterator[None]:
     for mod in model.modules():
         if "forward" in vars(mod):
             continue  # already patched by someone: leave it alone
-        if isinstance(mod, SHAPE_PRESERVING_MODULES):
-            new = preserving(mod, mod.forward)
-        elif next(mod.children(), None) is None and (config := module_key(mod)) is not None:
-            new = memoised(config, mod.forward)
-        else:
+        config = module_key(mod) if next(mod.children(), None) is None else None
+        if config is None and not isinstance(mod, SHAPE_PRESERVING_MODULES):
             continue
-        mod.forward = new
+        mod.forward = shortcut(mod, config)
         patched.append(mod)
     try:
         yield
@@ -325,7 +320,7 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
             return out
 
     # real values can decide shapes (nonzero, masks): no shortcuts on real tensors
-    interp = _Recorder(gm, fast=not real) if real else _Recorder(gm, probe_values=True)
+    interp = _Recorder(gm, fast=False) if real else _Recorder(gm, probe_values=True)
     ctx = contextlib.nullcontext() if real else meta_weights(gm)
     x = torch.randn(input_shape) if real else torch.empty(input_shape, device="meta")
     with ctx, torch.no_grad():
