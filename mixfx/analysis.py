@@ -442,11 +442,11 @@ class _Analyser:
         for n in self.nodes:
             if n.name in self.sym.values or n.op not in ("call_function", "call_method", "call_module"):
                 continue
-            operand = self._contracted_operand(n)
-            if operand is None or (n.op != "call_module" and sum(
+            match = self._contracted_operand(n)
+            if match is None or (match[0] != "sequence" and sum(
                     isinstance(a, torch.fx.Node) and a.name in activations for a in n.args) < 2):
                 continue
-            lengths = self._concrete_lengths(*operand, base, others)
+            lengths = self._concrete_lengths(match[1], match[2], base, others)
             if lengths is not None and len(set(lengths)) > 1:
                 sizes = ", ".join(f"{length} at {'x'.join(map(str, run.input_shape[2:]))}"
                                   for length, run in zip(lengths, (base, *others)))
@@ -455,26 +455,28 @@ class _Analyser:
                                           "runs): every position mixes with every other"))
         return found
 
-    def _contracted_operand(self, n: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
-        """The operand and axis a mixing op runs along: the key's tokens for attention, the first
-        operand's last dim for a matmul, the sequence dim for an RNN/MultiheadAttention."""
+    def _contracted_operand(self, n: torch.fx.Node) -> tuple[str, torch.fx.Node, int] | None:
+        """(kind, operand, axis) a mixing op runs along: the key's tokens for "attention", the
+        first operand's last dim for a "matmul", the sequence dim for a "sequence" module
+        (RNN/MultiheadAttention)."""
         name = op_name(n, self.gm)
         if name in _SDPA_TARGETS or getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
-            operand, axis = (n.args[1] if len(n.args) > 1 else n.kwargs.get("key")), -2
+            kind, operand, axis = "attention", (n.args[1] if len(n.args) > 1 else n.kwargs.get("key")), -2
         elif (n.target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and n.args:
-            operand, axis = n.args[0], -1
+            kind, operand, axis = "matmul", n.args[0], -1
         elif n.op == "call_module" and isinstance(self.gm.get_submodule(str(n.target)), _SEQUENCE_MODULES) and n.args:
-            operand, axis = n.args[0], (1 if getattr(self.gm.get_submodule(str(n.target)), "batch_first", False) else 0)
+            batch_first = getattr(self.gm.get_submodule(str(n.target)), "batch_first", False)
+            kind, operand, axis = "sequence", n.args[0], (1 if batch_first else 0)
         else:
             return None
-        return (operand, axis) if isinstance(operand, torch.fx.Node) else None
+        return (kind, operand, axis) if isinstance(operand, torch.fx.Node) else None
 
     def _contracted_is_constant(self, node: str, base: ConcreteRun, others: list[ConcreteRun]) -> bool:
         """Windowed attention: the contracted dim looks symbolic but is the same at every size."""
         found = self._contracted_operand(self.by_name[node])
         if not others or found is None:
             return False
-        operand, axis = found
+        _, operand, axis = found
         lengths = self._concrete_lengths(operand, axis, base, others)
         return lengths is not None and len(set(lengths)) == 1
 
@@ -494,41 +496,37 @@ class _Analyser:
         return act
 
     def _mixing_reason(self, n: torch.fx.Node, activations: set[str]) -> str | None:
-        target = n.target if n.op in ("call_function", "call_method") else None
         name = op_name(n, self.gm)
-        vals = [self.sym.values.get(a.name) if isinstance(a, torch.fx.Node) else None for a in n.args]
-        tensors = [v for v in vals if isinstance(v, torch.Tensor)]
         act_args = [a for a in n.args if isinstance(a, torch.fx.Node) and a.name in activations]
-        if (target in _MATMUL_TARGETS or name in _MATMUL_TARGETS) and "einsum" not in name and len(tensors) >= 2 \
-                and len(act_args) >= 2:
-            a = tensors[0]
-            contracted = a.shape[-1]
-            deps = _dim_symbols(contracted, self.symbols)
-            if deps:
-                return (f"matmul of two activations contracts a dim of size {_format_dim(contracted, self.symbols)} "
-                        f"(depends on {', '.join(sorted(deps))}): every position mixes with every other (global attention)")
         if "einsum" in name and len(act_args) >= 2:
             eq = n.args[0] if isinstance(n.args[0], str) else None
-            ops = [v for v in vals if isinstance(v, torch.Tensor)]
+            ops = [v for v in (self.sym.values.get(a.name) for a in n.args if isinstance(a, torch.fx.Node))
+                   if isinstance(v, torch.Tensor)]
             if eq and "->" in eq:
                 lhs, rhs = eq.replace(" ", "").split("->")
                 for letters, t in zip(lhs.split(","), ops):
                     for letter, size in zip(letters, t.shape):
                         if letter not in rhs and _dim_symbols(size, self.symbols):
                             return f"einsum contracts '{letter}' of size {_format_dim(size, self.symbols)} between activations"
-        if name in _SDPA_TARGETS or (target is not None and getattr(target, "__name__", "") == "scaled_dot_product_attention"):
-            if len(tensors) >= 2 and _dim_symbols(tensors[1].shape[-2], self.symbols):
-                return (f"attention over a sequence of {_format_dim(tensors[1].shape[-2], self.symbols)} positions "
-                        "(global attention)")
-        if n.op == "call_module":
-            mod = self.gm.get_submodule(str(n.target))
-            if isinstance(mod, _SEQUENCE_MODULES) and tensors:
-                t = tensors[0]
-                batch_first = getattr(mod, "batch_first", False)
-                seq = t.shape[1] if batch_first else t.shape[0]
-                if _dim_symbols(seq, self.symbols):
-                    return f"{type(mod).__name__} runs along a sequence of {_format_dim(seq, self.symbols)} positions"
-        return None
+            return None
+        found = self._contracted_operand(n)
+        if found is None or (found[0] == "matmul" and len(act_args) < 2):
+            return None
+        kind, operand, axis = found
+        value = self.sym.values.get(operand.name)
+        if not isinstance(value, torch.Tensor) or value.dim() < (axis + 1 if axis >= 0 else -axis):
+            return None
+        length = value.shape[axis]
+        deps = _dim_symbols(length, self.symbols)
+        if not deps:
+            return None
+        size = _format_dim(length, self.symbols)
+        if kind == "matmul":
+            return (f"matmul of two activations contracts a dim of size {size} (depends on {', '.join(sorted(deps))}): "
+                    "every position mixes with every other (global attention)")
+        if kind == "attention":
+            return f"attention over a sequence of {size} positions (global attention)"
+        return f"{type(self.gm.get_submodule(str(n.target))).__name__} runs along a sequence of {size} positions"
 
     # -- confirmation ---------------------------------------------------------------------------
     def _confirm(self, rigid: list[RigidNode], base: ConcreteRun, others: list[ConcreteRun]):
