@@ -151,24 +151,8 @@ def verify(
     modes = (original.training, rewritten.training)
     original.eval()
     rewritten.eval()
-    checks: list[SizeCheck] = []
     try:
-        for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
-            x = random_input(shape, example_input, seed + i)
-            try:
-                ref = _run(original, x)
-            except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
-                checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
-                                        f"the original model does not run at this size: {type(exc).__name__}: {exc}"))
-                continue
-            try:
-                out = _run(rewritten, x)
-            except Exception as exc:  # noqa: BLE001
-                checks.append(SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
-                                        f"the rewritten model fails: {type(exc).__name__}: {exc}"))
-                continue
-            abs_err, rel_err, scale, ok, error = compare_outputs(ref, out, atol, rtol)
-            checks.append(SizeCheck(shape, abs_err, rel_err, scale, ok, error))
+        checks = _compare_at_sizes(original, rewritten, example_input, extra_sizes, seed, atol, rtol)
     finally:
         original.train(modes[0])
         rewritten.train(modes[1])
@@ -200,13 +184,33 @@ def _float64_checks(original: nn.Module, rewritten: nn.Module, example_input: to
         ref_model, new_model = copy.deepcopy(original).double().eval(), copy.deepcopy(rewritten).double().eval()
     except Exception:  # noqa: BLE001 - a module that cannot be copied or cast: no second opinion
         return []
-    out = []
+    checks = _compare_at_sizes(ref_model, new_model, example_input, extra_sizes, seed, 0.0, FLOAT64_RTOL,
+                               dtype=torch.float64)
+    return [] if any(c.error is not None for c in checks) else checks
+
+
+def _compare_at_sizes(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
+                      extra_sizes: Sequence[Sequence[int]], seed: int, atol: float, rtol: float,
+                      dtype: torch.dtype | None = None) -> list[SizeCheck]:
+    """One `SizeCheck` per shape (the example's, then `extra_sizes`), on the same seeded random
+    inputs (cast to `dtype` if given)."""
+    checks: list[SizeCheck] = []
     for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
-        x = random_input(shape, example_input, seed + i).double()
+        x = random_input(shape, example_input, seed + i)
+        if dtype is not None:
+            x = x.to(dtype)
         try:
-            ref, got = _run(ref_model, x), _run(new_model, x)
-        except Exception:  # noqa: BLE001
-            return []
-        abs_err, rel_err, scale, ok, error = compare_outputs(ref, got, 0.0, FLOAT64_RTOL)
-        out.append(SizeCheck(shape, abs_err, rel_err, scale, ok, error))
-    return out
+            ref = _run(original, x)
+        except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
+            checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
+                                    f"the original model does not run at this size: {type(exc).__name__}: {exc}"))
+            continue
+        try:
+            out = _run(rewritten, x)
+        except Exception as exc:  # noqa: BLE001
+            checks.append(SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
+                                    f"the rewritten model fails: {type(exc).__name__}: {exc}"))
+            continue
+        abs_err, rel_err, scale, ok, error = compare_outputs(ref, out, atol, rtol)
+        checks.append(SizeCheck(shape, abs_err, rel_err, scale, ok, error))
+    return checks
