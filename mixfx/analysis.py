@@ -20,6 +20,7 @@ from torch import nn
 from mixfx.errors import InputSpecError
 from mixfx.formulas import GuardMeaning, characterise, format_expr, free_input_symbols
 from mixfx.report import AnalysisReport, ConcreteCheck, GlobalMixing, HeadInfo, NodeInfo, RigidNode
+from mixfx.shape_rules import TENSOR_LIKE
 from mixfx.shapes import ConcreteRun, flatten_outputs, propagate_concrete, propagate_symbolic
 from mixfx.tracing import Leaf, TraceResult, trace
 
@@ -501,7 +502,7 @@ class _Analyser:
         if "einsum" in name and len(act_args) >= 2:
             eq = n.args[0] if isinstance(n.args[0], str) else None
             ops = [v for v in (self.sym.values.get(a.name) for a in n.args if isinstance(a, torch.fx.Node))
-                   if isinstance(v, torch.Tensor)]
+                   if isinstance(v, TENSOR_LIKE)]
             if eq and "->" in eq:
                 lhs, rhs = eq.replace(" ", "").split("->")
                 for letters, t in zip(lhs.split(","), ops):
@@ -514,7 +515,7 @@ class _Analyser:
             return None
         kind, operand, axis = found
         value = self.sym.values.get(operand.name)
-        if not isinstance(value, torch.Tensor) or value.dim() < (axis + 1 if axis >= 0 else -axis):
+        if not isinstance(value, TENSOR_LIKE) or value.dim() < (axis + 1 if axis >= 0 else -axis):
             return None
         length = value.shape[axis]
         deps = _dim_symbols(length, self.symbols)

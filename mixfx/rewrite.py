@@ -252,12 +252,20 @@ def rewrite(
 
 
 def _runs(model: nn.Module, example_input: torch.Tensor, shape: Sequence[int]) -> bool:
-    """Whether the original model accepts `shape` (checked on the meta device: no compute)."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    """Whether the original model accepts `shape`: checked on meta tensors (no compute), or by a
+    real forward where the model cannot run on meta tensors (data-dependent sizes, ops without a
+    meta kernel)."""
+    from mixfx.shapes import classify_exception, eager_meta_forward
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            model(mode.from_tensor(torch.empty(tuple(shape), dtype=example_input.dtype)))
+    try:
+        eager_meta_forward(model, shape, example_input.dtype)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        if classify_exception(exc) not in ("data_dependent", "unsupported"):
+            return False
+    try:
+        with torch.no_grad():
+            model(random_input(tuple(shape)).to(example_input.dtype))
         return True
     except Exception:  # noqa: BLE001
         return False

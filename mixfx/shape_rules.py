@@ -30,26 +30,114 @@ SHAPE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def contiguous_strides(shape: tuple) -> tuple:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return tuple(strides)
+
+
+class ShapeOnly:
+    """A tensor known only by its metadata: what a rule returns in a propagation run.
+
+    Why: creating a fake tensor with symbolic sizes costs ~0.5 ms (its strides, numel and
+    contiguity are worked out symbolically), more than the rule itself. Rules read and return
+    these; the interpreter turns one into a real (fake or meta) tensor, `materialise()`, only when
+    an op without a rule consumes it. `strides` None means contiguous."""
+
+    __slots__ = ("shape", "dtype", "device", "strides", "_like", "_cache", "_tensor")
+
+    def __init__(self, like: Any, shape: tuple, dtype: torch.dtype | None = None, strides: tuple | None = None,
+                 cache: dict | None = None):
+        self._like = like._like if isinstance(like, ShapeOnly) else like
+        self._cache = like._cache if isinstance(like, ShapeOnly) and cache is None else cache
+        self.shape = torch.Size(shape)
+        self.dtype = dtype or like.dtype
+        self.device = like.device
+        self.strides = strides
+        self._tensor: torch.Tensor | None = None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def stride(self) -> tuple:
+        return self.strides if self.strides is not None else contiguous_strides(tuple(self.shape))
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __repr__(self) -> str:
+        return f"ShapeOnly({list(self.shape)}, {self.dtype})"
+
+    def materialise(self) -> torch.Tensor:
+        if self._tensor is None:
+            key = (tuple(_expr(d) for d in self.shape),
+                   None if self.strides is None else tuple(_expr(d) for d in self.strides), self.dtype)
+            t = self._cache.get(key) if self._cache is not None else None
+            if t is None:
+                t = (self._like.new_empty(self.shape, dtype=self.dtype) if self.strides is None
+                     else self._like.new_empty_strided(self.shape, self.strides, dtype=self.dtype))
+                if self._cache is not None:
+                    self._cache[key] = t
+            self._tensor = t
+        return self._tensor
+
+
+TENSOR_LIKE = (torch.Tensor, ShapeOnly)
+
+
+def _expr(d: Any) -> Any:
+    return d.node.expr if isinstance(d, torch.SymInt) else d
+
+
+def materialise(value: Any) -> Any:
+    """`value` with every `ShapeOnly` inside (tuples, lists, dicts) made a real tensor."""
+    if isinstance(value, ShapeOnly):
+        return value.materialise()
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        items = [materialise(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    if isinstance(value, dict):
+        return {k: materialise(v) for k, v in value.items()}
+    return value
+
+
 class ShapeRules:
-    """The rules, with a per-run cache of outputs by shape (creating a fake tensor with symbolic
-    sizes is itself the expensive step, and only shapes are read)."""
+    """The rules. With `lazy=True` (the interpreter) outputs are `ShapeOnly`; otherwise (rules
+    inside an eager forward, where any code may consume the output) real tensors."""
 
-    def __init__(self) -> None:
-        self._empty: dict[Any, torch.Tensor] = {}
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
+        self._empty: dict[Any, Any] = {}
 
-    def empty(self, like: torch.Tensor, sizes: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def empty(self, like: Any, sizes: tuple, dtype: torch.dtype | None = None, strides: tuple | None = None) -> Any:
         dtype = dtype or like.dtype
-        key = (tuple(s.node.expr if isinstance(s, torch.SymInt) else s for s in sizes), dtype, like.device)
+        if self.lazy:
+            return ShapeOnly(like, sizes, dtype, strides, cache=self._empty)
+        if isinstance(like, ShapeOnly):
+            like = like.materialise()
+        key = (tuple(_expr(s) for s in sizes), None if strides is None else tuple(_expr(s) for s in strides),
+               dtype, like.device)
         if key not in self._empty:
-            self._empty[key] = like.new_empty(sizes, dtype=dtype)
+            self._empty[key] = (like.new_empty(sizes, dtype=dtype) if strides is None
+                                else like.new_empty_strided(sizes, strides, dtype=dtype))
         return self._empty[key]
 
     # -- modules --------------------------------------------------------------------------------
     def module(self, mod: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if type(mod) in (nn.LSTM, nn.GRU, nn.RNN) and args and isinstance(args[0], torch.Tensor) and not kwargs \
+        if type(mod) in (nn.LSTM, nn.GRU, nn.RNN) and args and isinstance(args[0], TENSOR_LIKE) and not kwargs \
                 and all(a is None for a in args[1:]):
             return self.rnn(mod, args[0])
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+        if len(args) != 1 or kwargs or not isinstance(args[0], TENSOR_LIKE):
             return NOT_HANDLED
         x = args[0]
         if isinstance(mod, SHAPE_PRESERVING_MODULES):
@@ -66,7 +154,69 @@ class ShapeRules:
             if x.dim() < 2 or x.shape[1] != mod.num_channels:
                 raise RuntimeError(f"GroupNorm expects {mod.num_channels} channels, got shape {list(x.shape)}")
             return x
+        if type(mod) in (nn.MaxPool2d, nn.AvgPool2d) and not getattr(mod, "return_indices", False):
+            return self.pool2d(x, mod.kernel_size, mod.stride, mod.padding, getattr(mod, "dilation", 1),
+                               mod.ceil_mode)
+        if type(mod) is nn.AdaptiveAvgPool2d:
+            return self.adaptive_pool2d(x, mod.output_size)
+        if type(mod) is nn.Flatten:
+            return self.flatten(x, mod.start_dim, mod.end_dim)
+        if type(mod) in (nn.Softmax, nn.LogSoftmax) and mod.dim is not None:
+            return self.same_layout(x, mod.dim)
+        if _is_timm_same_padded(mod):
+            return self.same_padded(mod, x)
         return NOT_HANDLED
+
+    def pool2d(self, x: Any, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> Any:
+        """Max/average pooling: torch's own `pooling_output_shape`, and the minimum-size check."""
+        from torch._meta_registrations import pooling_output_shape
+
+        if x.dim() not in (3, 4) or not x.is_floating_point():
+            return NOT_HANDLED
+        pair = [_pair(v) for v in (kernel, stride if stride else kernel, padding, dilation)]
+        if any(p is None for p in pair):
+            return NOT_HANDLED
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pair
+        h, w = x.shape[-2], x.shape[-1]
+        oh = pooling_output_shape(h, kh, ph, sh, dh, ceil_mode)
+        ow = pooling_output_shape(w, kw, pw, sw, dw, ceil_mode)
+        if oh < 1 or ow < 1:  # torch's own wording
+            raise RuntimeError(f"Given input size: ({'x'.join(map(str, x.shape[-3:]))}). Calculated output size: "
+                               f"({x.shape[-3]}x{oh}x{ow}). Output size is too small")
+        return self.empty(x, (*x.shape[:-2], oh, ow))
+
+    def adaptive_pool2d(self, x: Any, output_size: Any) -> Any:
+        out = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        if x.dim() not in (3, 4) or len(out) != 2 or not x.is_floating_point():
+            return NOT_HANDLED
+        for d in x.shape[-2:]:
+            if d == 0:
+                raise RuntimeError("adaptive_avg_pool2d(): Expected input to have non-zero size for non-batch "
+                                   f"dimensions, but input has sizes {list(x.shape)}")
+        sizes = tuple(x.shape[-2 + i] if o is None else o for i, o in enumerate(out))
+        return self.empty(x, (*x.shape[:-2], *sizes))
+
+    def same_padded(self, mod: nn.Module, x: Any) -> Any:
+        """timm's TF-style "same" convolution and pooling (Conv2dSame, MaxPool2dSame,
+        AvgPool2dSame): the input is padded so that the output is ceil(size / stride) whatever the
+        kernel, with no other size check. The padding arithmetic (ceil and max on SymInts) cost
+        ~75 ms per call."""
+        if x.dim() != 4 or getattr(mod, "ceil_mode", False):
+            return NOT_HANDLED
+        if isinstance(mod, nn.Conv2d):
+            if mod.padding_mode != "zeros" or any(p != 0 for p in _pair(mod.padding) or (1,)):
+                return NOT_HANDLED
+            if x.shape[1] != mod.in_channels:
+                raise RuntimeError(f"{type(mod).__name__} expects {mod.in_channels} input channels, got shape "
+                                   f"{list(x.shape)}")
+            channels = mod.out_channels
+        else:
+            channels = x.shape[1]
+        stride = _pair(mod.stride)
+        if stride is None:
+            return NOT_HANDLED
+        sizes = tuple((x.shape[2 + i] + stride[i] - 1) // stride[i] for i in range(2))
+        return self.empty(x, (x.shape[0], channels, *sizes))
 
     def linear(self, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != in_features:
@@ -120,19 +270,116 @@ class ShapeRules:
 
     # -- methods --------------------------------------------------------------------------------
     def method(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if not args or not isinstance(args[0], torch.Tensor) or kwargs:
+        if not args or not isinstance(args[0], TENSOR_LIKE):
+            return NOT_HANDLED
+        x, rest = args[0], args[1:]
+        if name == "mean":
+            return self.mean(x, *rest, **kwargs)
+        if name in ("softmax", "log_softmax") and len(rest) == 1 and (not kwargs or set(kwargs) == {"dtype"}):
+            return self.same_layout(x, rest[0]) if kwargs.get("dtype") is None else NOT_HANDLED
+        if kwargs:
             return NOT_HANDLED
         if name == "reshape":
-            return self.reshape(args[0], args[1:])
+            return self.reshape(x, rest)
         if name in ("add", "mul", "sub", "div") and len(args) == 2:
-            return self.elementwise(args[0], args[1])
+            return self.elementwise(x, rest[0])
+        if name == "view" and rest and not (len(rest) == 1 and isinstance(rest[0], torch.dtype)):
+            return self.reshape(x, rest) if _strides(x) is None else NOT_HANDLED
+        if name == "permute":
+            return self.permute(x, rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
+        if name in ("transpose", "swapaxes", "swapdims") and len(rest) == 2:
+            return self.transpose(x, *rest)
+        if name == "flatten" and len(rest) <= 2:
+            return self.flatten(x, *rest)
+        if name == "contiguous" and not rest:
+            return x if _strides(x) is None else self.empty(x, tuple(x.shape))
+        if name == "unbind" and len(rest) <= 1:
+            return self.unbind(x, *rest)
+        if name in ("sigmoid", "relu", "tanh", "exp", "sqrt", "rsqrt", "abs", "neg", "clone") and not rest:
+            return x if x.is_floating_point() else NOT_HANDLED
+        if name in ("size", "dim", "shape"):
+            return NOT_HANDLED  # cheap already, and `size` reads the real tensor's SymInts
         return NOT_HANDLED
+
+    def same_layout(self, x: Any, dim: Any) -> Any:
+        """softmax-like ops: the input's shape (and layout), after the dim check."""
+        if not isinstance(dim, int) or not x.is_floating_point() or _norm_dim(dim, x.dim()) is None:
+            return NOT_HANDLED
+        return x
+
+    def mean(self, x: Any, dim: Any = None, keepdim: bool = False, **kwargs: Any) -> Any:
+        if kwargs or not isinstance(keepdim, bool) or not x.is_floating_point():
+            return NOT_HANDLED
+        rank = x.dim()
+        dims = list(range(rank)) if dim is None else [dim] if isinstance(dim, int) else dim
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+            return NOT_HANDLED
+        norm = {_norm_dim(d, rank) for d in dims}
+        if None in norm or len(norm) != len(dims):
+            return NOT_HANDLED
+        sizes = tuple(1 if i in norm else d for i, d in enumerate(x.shape) if keepdim or i not in norm)
+        return self.empty(x, sizes)
+
+    def permute(self, x: Any, dims: Any) -> Any:
+        """A view: sizes and strides permuted (so a later `.view` still sees the real layout)."""
+        rank = x.dim()
+        if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+            return NOT_HANDLED
+        order = [_norm_dim(d, rank) for d in dims]
+        if None in order or sorted(order) != list(range(rank)):
+            return NOT_HANDLED
+        if order == list(range(rank)):
+            return x
+        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        return self._view(x, tuple(x.shape[i] for i in order), tuple(strides[i] for i in order))
+
+    def transpose(self, x: Any, a: Any, b: Any) -> Any:
+        rank = x.dim()
+        if not (isinstance(a, int) and isinstance(b, int)) or rank == 0:
+            return NOT_HANDLED
+        a, b = _norm_dim(a, rank), _norm_dim(b, rank)
+        if a is None or b is None:
+            return NOT_HANDLED
+        order = list(range(rank))
+        order[a], order[b] = order[b], order[a]
+        return self.permute(x, order)
+
+    def _view(self, x: Any, sizes: tuple, strides: tuple) -> Any:
+        contiguous = contiguous_strides(sizes)
+        same = all(_expr(s) == _expr(c) or _is_one(n) for s, c, n in zip(strides, contiguous, sizes))
+        return self.empty(x, sizes, strides=None if same else strides)
+
+    def flatten(self, x: Any, start: Any = 0, end: Any = -1) -> Any:
+        """Contiguous inputs only (a view); others may copy: the op runs normally."""
+        rank = max(x.dim(), 1)
+        if not (isinstance(start, int) and isinstance(end, int)) or _strides(x) is not None:
+            return NOT_HANDLED
+        a, b = _norm_dim(start, rank), _norm_dim(end, rank)
+        if a is None or b is None or a > b:
+            return NOT_HANDLED
+        if x.dim() == 0:
+            return self.empty(x, (1,))
+        merged = 1
+        for d in x.shape[a:b + 1]:
+            merged = merged * d
+        return self.empty(x, (*x.shape[:a], merged, *x.shape[b + 1:]))
+
+    def unbind(self, x: Any, dim: Any = 0) -> Any:
+        """Views along a dim of known (not symbolic) length."""
+        rank = x.dim()
+        d = _norm_dim(dim, rank) if isinstance(dim, int) else None
+        if d is None or not isinstance(x.shape[d], int):
+            return NOT_HANDLED
+        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        sizes = tuple(s for i, s in enumerate(x.shape) if i != d)
+        out = self._view(x, sizes, tuple(s for i, s in enumerate(strides) if i != d))
+        return tuple(out for _ in range(x.shape[d]))
 
     def elementwise(self, a: Any, b: Any) -> Any:
         """A binary op on floating tensors (or a tensor and a Python number): the broadcast shape,
         with the kernel's checks (equal sizes, or one of them 1)."""
-        tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
-        if not tensors or any(not isinstance(t, (torch.Tensor, int, float)) or isinstance(t, bool) for t in (a, b)) \
+        tensors = [t for t in (a, b) if isinstance(t, TENSOR_LIKE)]
+        if not tensors or any(not isinstance(t, (*TENSOR_LIKE, int, float)) or isinstance(t, bool) for t in (a, b)) \
                 or any(not t.is_floating_point() for t in tensors) or len({t.device for t in tensors}) != 1:
             return NOT_HANDLED
         if len(tensors) == 1:
@@ -184,6 +431,28 @@ class ShapeRules:
 
     # -- functions ------------------------------------------------------------------------------
     def function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target is operator.getitem and len(args) == 2 and isinstance(args[0], (tuple, list)) \
+                and isinstance(args[1], int) and not kwargs:
+            return args[0][args[1]]  # an element of a tuple output (unbind, RNN)
+        if target in _UNARY_FUNCTIONS and len(args) == 1 and isinstance(args[0], TENSOR_LIKE) \
+                and set(kwargs) <= {"inplace", "approximate"} and not kwargs.get("inplace"):
+            return args[0] if args[0].is_floating_point() else NOT_HANDLED
+        if target is F.dropout and args and isinstance(args[0], TENSOR_LIKE) and not kwargs.get("inplace") \
+                and not (len(args) > 3 and args[3]):
+            return args[0]
+        if target in (F.softmax, torch.softmax) and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) \
+                and kwargs.get("dtype") is None and set(kwargs) <= {"dtype", "_stacklevel"}:
+            return self.same_layout(args[0], args[1])
+        if target is torch.flatten and args and isinstance(args[0], TENSOR_LIKE) and not kwargs and len(args) <= 3:
+            return self.flatten(*args)
+        if target is torch.permute and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
+            return self.permute(args[0], args[1])
+        if target is torch.transpose and len(args) == 3 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
+            return self.transpose(*args)
+        if target is torch.unbind and args and isinstance(args[0], TENSOR_LIKE) and not kwargs and len(args) <= 2:
+            return self.unbind(*args)
+        if target is F.adaptive_avg_pool2d and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
+            return self.adaptive_pool2d(*args)
         if target in (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul) \
                 and len(args) == 2 and not kwargs:
             return self.elementwise(args[0], args[1])
@@ -191,19 +460,19 @@ class ShapeRules:
             return self.attention(args, kwargs)
         if target in (torch.matmul, operator.matmul) and len(args) == 2 and not kwargs:
             return self.matmul(*args)
-        if target is torch.reshape and len(args) == 2 and isinstance(args[0], torch.Tensor) and not kwargs:
+        if target is torch.reshape and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
             return self.reshape(args[0], (args[1],))
         if target in (torch.cat, torch.concat, torch.concatenate):
             return self.cat(args, kwargs)
-        if target is F.group_norm and len(args) >= 2 and isinstance(args[0], torch.Tensor) \
+        if target is F.group_norm and len(args) >= 2 and isinstance(args[0], TENSOR_LIKE) \
                 and isinstance(args[1], int) and args[0].dim() >= 2:
             if args[0].shape[1] % args[1] != 0:
                 raise RuntimeError(f"Expected number of channels in input to be divisible by num_groups, but got "
                                    f"input of shape {list(args[0].shape)} and num_groups={args[1]}")
             return args[0]
-        if target is F.normalize and args and isinstance(args[0], torch.Tensor):
+        if target is F.normalize and args and isinstance(args[0], TENSOR_LIKE):
             return args[0]
-        if target is F.layer_norm and args and isinstance(args[0], torch.Tensor):
+        if target is F.layer_norm and args and isinstance(args[0], TENSOR_LIKE):
             shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
             if isinstance(shape, (tuple, list, torch.Size)):
                 return self.layer_norm(args[0], tuple(shape))
@@ -211,7 +480,7 @@ class ShapeRules:
 
     def matmul(self, a: Any, b: Any) -> Any:
         """Batched matmul with equal batch dims (broadcasting ones run normally)."""
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2 \
+        if not (isinstance(a, TENSOR_LIKE) and isinstance(b, TENSOR_LIKE)) or a.dim() < 2 or b.dim() < 2 \
                 or (b.dim() > 2 and a.shape[:-2] != b.shape[:-2]) or a.device != b.device:
             return NOT_HANDLED
         if a.shape[-1] != b.shape[-2]:
@@ -229,7 +498,7 @@ class ShapeRules:
                                                                               "scale", "enable_gqa"}:
             return NOT_HANDLED
         q, k, v = qkv
-        if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in qkv) or not q.dim() == k.dim() == v.dim() \
+        if not all(isinstance(t, TENSOR_LIKE) and t.dim() >= 3 for t in qkv) or not q.dim() == k.dim() == v.dim() \
                 or not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
             return NOT_HANDLED  # broadcast or grouped-query heads: let the kernel decide
         if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
@@ -241,7 +510,7 @@ class ShapeRules:
         tensors = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
         if set(kwargs) - {"tensors", "dim", "axis"} or not isinstance(tensors, (tuple, list)) or not tensors \
-                or not all(isinstance(t, torch.Tensor) for t in tensors) or not isinstance(dim, int):
+                or not all(isinstance(t, TENSOR_LIKE) for t in tensors) or not isinstance(dim, int):
             return NOT_HANDLED
         tensors = [t for t in tensors if not (t.dim() == 1 and t.shape[0] == 0)]  # legacy empty inputs
         if not tensors or len({t.dim() for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
@@ -261,3 +530,45 @@ class ShapeRules:
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         return self.empty(first, (*first.shape[:dim], total, *first.shape[dim + 1:]), dtype)
+
+
+_UNARY_FUNCTIONS = frozenset({
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.sigmoid, F.tanh, torch.sigmoid,
+    torch.tanh, torch.relu, torch.exp, torch.sqrt, torch.rsqrt,
+})
+
+
+def _norm_dim(dim: int, rank: int) -> int | None:
+    """`dim` in [0, rank), or None when out of range (the op then runs and raises its own error)."""
+    rank = max(rank, 1)
+    return dim % rank if -rank <= dim < rank else None
+
+
+def _is_one(n: Any) -> bool:
+    """A size-1 dim (its stride does not matter), told without a guard on a symbolic size."""
+    return isinstance(n, int) and n == 1
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    return None
+
+
+def _strides(x: Any) -> tuple | None:
+    """None when `x` is known to be contiguous, else its strides. For real fake tensors the test is
+    structural (the stride expressions equal the contiguous ones), so it adds no guard."""
+    if isinstance(x, ShapeOnly):
+        return x.strides
+    strides = x.stride()
+    want = contiguous_strides(tuple(x.shape))
+    if all(_expr(a) == _expr(b) or _is_one(n) for a, b, n in zip(strides, want, x.shape)):
+        return None
+    return tuple(strides)
+
+
+def _is_timm_same_padded(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return cls.__name__ in ("Conv2dSame", "MaxPool2dSame", "AvgPool2dSame") and cls.__module__.startswith("timm.")

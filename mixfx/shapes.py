@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -26,12 +26,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from mixfx.shape_memo import ShapeMemo, Unkeyable, is_torch_target, module_key, value_key
-from mixfx.shape_rules import NOT_HANDLED, SHAPE_PRESERVING_MODULES, ShapeRules
+from mixfx.shape_rules import NOT_HANDLED, SHAPE_PRESERVING_MODULES, TENSOR_LIKE, ShapeRules, materialise
 from mixfx.tracing import is_assert_target
 
 def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a (nested) tuple/list/dict output, in order."""
-    if isinstance(value, torch.Tensor):
+    """Every tensor (or `ShapeOnly`) in a (nested) tuple/list/dict output, in order."""
+    if isinstance(value, TENSOR_LIKE):
         return [value]
     if isinstance(value, dict):
         return [t for v in value.values() for t in flatten_outputs(v)]
@@ -118,7 +118,7 @@ class _PropagationInterpreter(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.current: torch.fx.Node | None = None
         self.skipped_asserts: dict[str, Any] = {}
-        self.rules = ShapeRules() if fast else None
+        self.rules = ShapeRules(lazy=True) if fast else None
         self.memo = ShapeMemo(gm) if fast else None
 
     def is_check(self, n: torch.fx.Node) -> bool:
@@ -147,6 +147,7 @@ class _PropagationInterpreter(torch.fx.Interpreter):
                 out = self.rules.method(str(n.target), args, kwargs)
             if out is not NOT_HANDLED:
                 return out
+            args, kwargs = materialise(args), materialise(kwargs)
             key = self.memo.key(n, args, kwargs)
             out = self.memo.get(key)
             if out is None:
@@ -212,6 +213,16 @@ def shortcut_forwards(model: nn.Module) -> Iterator[None]:
             del mod.forward
 
 
+def eager_meta_forward(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Any:
+    """The eager model's output on a meta input of `input_shape`, with meta weights and the
+    shape shortcuts: no compute, no weight copies, milliseconds even for large models. Raises
+    whatever the model raises (its own size checks, or ops that cannot run on meta tensors:
+    `classify_exception` tells which)."""
+    x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
+    with meta_weights(model), shortcut_forwards(model), torch.no_grad():
+        return model(x)
+
+
 def _to_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and not value.is_meta:
         return torch.empty_like(value, device="meta")
@@ -256,7 +267,7 @@ def _zeros_for_meta(value: Any) -> Any:
 
 
 def _shape_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, TENSOR_LIKE):
         return tuple(value.shape)
     if isinstance(value, (tuple, list)):
         return [_shape_of(v) for v in value]
@@ -299,7 +310,7 @@ def meta_tensor_shapes(gm: torch.fx.GraphModule, inputs: list[Any]) -> dict[str,
     class _Recorder(_MetaInterpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
+            if isinstance(out, TENSOR_LIKE):
                 shapes[n.name] = out.shape
             return out
 
