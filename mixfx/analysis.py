@@ -122,11 +122,12 @@ class _Analyser:
         self.by_name = {n.name: n for n in self.nodes}
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
+        self.example_run: ConcreteRun | None = None  # the tracer's clean run at the example, if any
 
     # -- runs -------------------------------------------------------------------------------
     def run(self) -> AnalysisReport:
         t0 = time.perf_counter()
-        base = propagate_concrete(self.gm, self.example)
+        base = self.example_run if self.example_run is not None else propagate_concrete(self.gm, self.example)
         self.base_probe_failures = base.probe_failures
         self.notes.extend(base.notes)
         self._require_example_ok(base)
@@ -757,6 +758,9 @@ def analyze(
     analyser = _Analyser(traced.graph_module, tuple(example_input.shape), name or type(root).__name__,
                          traced.tracer, is_timm, symbolic_budget_s)
     analyser.notes.extend(f"Tracer fallback: {a}" for a in traced.attempts)
+    run = traced.example_run
+    if run is not None and run.failure is None and tuple(run.input_shape) == tuple(example_input.shape):
+        analyser.example_run = run
     report = analyser.run()
     report.timings = {"trace_s": trace_s, **analyser.timings, "total_s": time.perf_counter() - t_start}
     return report

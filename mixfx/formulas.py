@@ -8,6 +8,8 @@ divisibility constraint, one true from some size up is a minimum size.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -32,8 +34,13 @@ def format_expr(expr, symbols: Mapping[str, sympy.Symbol]) -> str:
     """A size expression as the user reads it: `ceil(H/32)`, `H//16`, `(H//16)*(W//16) + 1`."""
     if isinstance(expr, int):
         return str(expr)
-    expr = sympy.sympify(expr)
-    names = {sym: sympy.Symbol(name, integer=True, positive=True) for name, sym in symbols.items()}
+    return _format_cached(sympy.sympify(expr), tuple(symbols.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_cached(expr, symbols: tuple) -> str:
+    """Cached: a report formats the same few size expressions for hundreds of nodes."""
+    names = {sym: sympy.Symbol(name, integer=True, positive=True) for name, sym in symbols}
     return _fmt(expr.xreplace(names))
 
 

@@ -163,6 +163,9 @@ class ShapeRules:
             return self.flatten(x, mod.start_dim, mod.end_dim)
         if type(mod) in (nn.Softmax, nn.LogSoftmax) and mod.dim is not None:
             return self.same_layout(x, mod.dim)
+        if type(mod) is nn.Upsample:
+            return self.interpolate(x, mod.size, mod.scale_factor, mod.mode, mod.align_corners,
+                                    mod.recompute_scale_factor)
         if _is_timm_same_padded(mod):
             return self.same_padded(mod, x)
         return NOT_HANDLED
@@ -195,6 +198,31 @@ class ShapeRules:
                                    f"dimensions, but input has sizes {list(x.shape)}")
         sizes = tuple(x.shape[-2 + i] if o is None else o for i, o in enumerate(out))
         return self.empty(x, (*x.shape[:-2], *sizes))
+
+    def interpolate(self, x: Any, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                    align_corners: Any = None, recompute_scale_factor: Any = None, antialias: bool = False) -> Any:
+        """F.interpolate to an explicit size, or by whole-number scale factors. On meta tensors the
+        bicubic/bilinear decompositions compute their weights (~80 ms per call)."""
+        rank = {"linear": 3, "bilinear": 4, "bicubic": 4, "trilinear": 5}.get(mode)
+        if mode not in ("nearest", "nearest-exact", "area", "linear", "bilinear", "bicubic", "trilinear") \
+                or not 3 <= x.dim() <= 5 or (rank is not None and x.dim() != rank) or not x.is_floating_point() \
+                or (align_corners is not None and rank is None) or (antialias and mode not in ("bilinear", "bicubic")):
+            return NOT_HANDLED
+        dim = x.dim() - 2
+        if size is not None and scale_factor is None and not recompute_scale_factor:
+            sizes = list(size) if isinstance(size, (tuple, list)) else [size] * dim
+            if len(sizes) != dim or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                                            for v in sizes):
+                return NOT_HANDLED
+        elif scale_factor is not None and size is None:
+            scales = list(scale_factor) if isinstance(scale_factor, (tuple, list)) else [scale_factor] * dim
+            if len(scales) != dim or not all(isinstance(v, (int, float)) and float(v).is_integer() and v >= 1
+                                             for v in scales):
+                return NOT_HANDLED
+            sizes = [x.shape[2 + i] * int(v) for i, v in enumerate(scales)]
+        else:
+            return NOT_HANDLED
+        return self.empty(x, (*x.shape[:2], *sizes))
 
     def same_padded(self, mod: nn.Module, x: Any) -> Any:
         """timm's TF-style "same" convolution and pooling (Conv2dSame, MaxPool2dSame,
@@ -453,6 +481,8 @@ class ShapeRules:
             return self.unbind(*args)
         if target is F.adaptive_avg_pool2d and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
             return self.adaptive_pool2d(*args)
+        if target is F.interpolate and args and isinstance(args[0], TENSOR_LIKE):
+            return self.interpolate(*args, **kwargs)
         if target in (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul) \
                 and len(args) == 2 and not kwargs:
             return self.elementwise(args[0], args[1])

@@ -23,6 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from mixfx.shape_memo import ShapeMemo, Unkeyable, is_torch_target, module_key, value_key
@@ -120,6 +121,8 @@ class _PropagationInterpreter(torch.fx.Interpreter):
         self.skipped_asserts: dict[str, Any] = {}
         self.rules = ShapeRules(lazy=True) if fast else None
         self.memo = ShapeMemo(gm) if fast else None
+        # inside leaf modules and opaque functions, the rules apply per torch call
+        self.shortcuts = _FunctionShortcuts() if fast else contextlib.nullcontext()
 
     def is_check(self, n: torch.fx.Node) -> bool:
         if n.op == "call_function":
@@ -151,14 +154,18 @@ class _PropagationInterpreter(torch.fx.Interpreter):
             key = self.memo.key(n, args, kwargs)
             out = self.memo.get(key)
             if out is None:
-                out = getattr(self, n.op)(n.target, args, kwargs)
+                with self.shortcuts:
+                    out = getattr(self, n.op)(n.target, args, kwargs)
                 self.memo.put(key, out)
             return out
 
 
-def _meta_state(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: (v if v.is_meta else torch.empty_like(v, device="meta"))
-            for k, v in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+def _meta_state(gm: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Meta stand-ins for every parameter and buffer; None when they are all meta already."""
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    if all(v.is_meta for _, v in tensors):
+        return None
+    return {k: (v if v.is_meta else torch.empty_like(v, device="meta")) for k, v in tensors}
 
 
 @contextlib.contextmanager
@@ -166,7 +173,11 @@ def meta_weights(gm: torch.nn.Module) -> Iterator[None]:
     """Temporarily swap every parameter and buffer for a meta tensor of the same shape."""
     from torch.nn.utils.stateless import _reparametrize_module
 
-    with _reparametrize_module(gm, _meta_state(gm), tie_weights=True, strict=False):
+    state = _meta_state(gm)
+    if state is None:  # built on the meta device: nothing to swap
+        yield
+        return
+    with _reparametrize_module(gm, state, tie_weights=True, strict=False):
         yield
 
 
@@ -219,8 +230,30 @@ def eager_meta_forward(model: nn.Module, input_shape: Sequence[int], dtype: torc
     whatever the model raises (its own size checks, or ops that cannot run on meta tensors:
     `classify_exception` tells which)."""
     x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
-    with meta_weights(model), shortcut_forwards(model), torch.no_grad():
+    with meta_weights(model), shortcut_forwards(model), _FunctionShortcuts(), torch.no_grad():
         return model(x)
+
+
+class _FunctionShortcuts(TorchFunctionMode):
+    """The function and method rules of `ShapeRules` for an eager forward (where the interpreter
+    cannot step in): every torch function and Tensor method call a rule handles gets its output
+    from the rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rules = ShapeRules()
+        self.enabled = True  # off while a value probe computes real values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.enabled:
+            return func(*args, **kwargs)
+        out = self.rules.function(func, args, kwargs)
+        if out is NOT_HANDLED:
+            name = getattr(func, "__name__", None)
+            if name and getattr(torch.Tensor, name, None) is func:
+                out = self.rules.method(name, args, kwargs)
+        return func(*args, **kwargs) if out is NOT_HANDLED else out
 
 
 def _to_meta(value: Any) -> Any:
@@ -253,10 +286,16 @@ class _MetaInterpreter(_PropagationInterpreter):
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if tensors and sum(t.numel() for t in tensors) <= VALUE_PROBE_LIMIT:
                 real_args, real_kwargs = torch.utils._pytree.tree_map(_zeros_for_meta, (args, kwargs))
+                shortcuts = self.shortcuts if isinstance(self.shortcuts, _FunctionShortcuts) else None
+                if shortcuts is not None:
+                    shortcuts.enabled = False  # real values: every op computes
                 try:
                     target(*real_args, **real_kwargs)
                 except Exception as exc:  # noqa: BLE001 - a finding, compared with the example's
                     self.probe_failures[self.current.name] = _short(exc)
+                finally:
+                    if shortcuts is not None:
+                        shortcuts.enabled = True
         return out
 
 

@@ -35,6 +35,8 @@ class TraceResult:
     graph_module: torch.fx.GraphModule
     tracer: str
     attempts: list[str] = field(default_factory=list)  # why earlier tracers were not used
+    # the graph's clean meta run at the example input, from the eager check: the analysis reuses it
+    example_run: Any = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -172,30 +174,31 @@ def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
     return program.module()
 
 
-def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module, example_input: torch.Tensor) -> str | None:
-    """None when the traced graph gives the same output shapes as the eager model (on meta
-    tensors: no compute, no weight memory; both with the shape-propagation shortcuts), else the
-    reason it does not."""
+def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module,
+                             example_input: torch.Tensor) -> tuple[str | None, Any]:
+    """(None, the graph's meta run) when the traced graph gives the same output shapes as the
+    eager model (on meta tensors: no compute, no weight memory; both with the shape-propagation
+    shortcuts), else (the reason it does not, None)."""
     from mixfx.shapes import eager_meta_forward, flatten_outputs, propagate_concrete
 
     try:
         want = eager_meta_forward(model, example_input.shape, example_input.dtype)
     except Exception:  # noqa: BLE001 - the eager model itself rejects the input: the analysis says why
-        return None
+        return None, None
     run = propagate_concrete(gm, tuple(example_input.shape), allow_real=False)
     if run.failure is not None and run.failure.kind not in ("data_dependent", "unsupported"):
-        return f"the fx graph fails to run: {run.failure.error}"
+        return f"the fx graph fails to run: {run.failure.error}", None
     if run.failure is not None:
-        return None  # cannot tell on meta tensors; the analysis reports the node
+        return None, None  # cannot tell on meta tensors; the analysis reports the node
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     recorded = run.shapes.get(out_node.name)
     if recorded is None:
-        return None  # an output type the recorder does not read (a dataclass): nothing to compare
+        return None, run  # an output type the recorder does not read (a dataclass): nothing to compare
     got_shapes = [tuple(s) for s in _flatten_shapes(recorded)]
     want_shapes = [tuple(t.shape) for t in flatten_outputs(want)]
     if got_shapes != want_shapes:
-        return f"the fx graph's outputs {got_shapes} differ from the eager model's {want_shapes}"
-    return None
+        return f"the fx graph's outputs {got_shapes} differ from the eager model's {want_shapes}", None
+    return None, run
 
 
 def _flatten_shapes(shapes: Any) -> list[tuple[int, ...]]:
@@ -235,11 +238,12 @@ def trace(
             fx_error = fx_error or exc
             attempts.append(f"{label}: {exc.message}")
             continue
-        problem = _graph_agrees_with_eager(gm, model, example_input) if (check and example_input is not None) else None
+        problem, run = (_graph_agrees_with_eager(gm, model, example_input) if (check and example_input is not None)
+                        else (None, None))
         if problem is None:
             if concrete is not None:
                 attempts.append(f"{label}: the graph agrees with the eager model")
-            return TraceResult(gm, "fx", attempts)
+            return TraceResult(gm, "fx", attempts, example_run=run)
         attempts.append(f"{label}: {problem}")
     if not allow_export or example_input is None:
         if fx_error is not None:
