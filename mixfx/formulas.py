@@ -174,12 +174,13 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
     rel = format_relation(expr, symbols)
     if not used:
         return [GuardMeaning("always", rel, used)]
-    if is_specialisation_noise(expr):
+    f = predicate(expr, symbols) if not isinstance(expr, sympy.Ne) else None
+    base = {n: example[n] for n in symbols}
+    if is_specialisation_noise(expr) and (f is None or _holds_from_two(f, used, base, example)):
         return [GuardMeaning("specialisation", rel, used)]
     if isinstance(expr, sympy.Eq) and len(used) == 2 and _is_symbol_pair(expr, symbols):
         return [GuardMeaning("equal", rel, used)]
-    f = predicate(expr, symbols)
-    base = {n: example[n] for n in symbols}
+    f = f or predicate(expr, symbols)
     slices: dict[str, tuple[list[int], list[bool]]] = {}
     for name in used:
         xs = list(range(1, example[name] + WINDOW + 1))
@@ -197,6 +198,19 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
         m.counterexample = _counterexample(m.symbols or used, base, slices)
         m.expr = expr
     return out
+
+
+def _holds_from_two(f: Callable[..., bool], used, base: dict[str, int], example: Mapping[str, int]) -> bool:
+    """A `x >= 1`-style guard is 0/1-specialisation noise only if it holds for every size >= 2;
+    `(H - 2)//2 + 1 >= 1` on a pooled size is a real minimum input size."""
+    for name in used:
+        for x in range(2, example[name] + WINDOW + 1):
+            try:
+                if not f(**{**base, name: x}):
+                    return False
+            except Exception:  # noqa: BLE001 - unevaluable: keep the old reading
+                return True
+    return True
 
 
 def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: Mapping[str, int]) -> list[str]:

@@ -136,3 +136,23 @@ def test_functional_rules_match_the_kernels():
     for fn, args in [(F.gelu, (x,)), (F.softmax, (x, -1)), (torch.flatten, (x, 1)), (torch.permute, (x, (0, 2, 3, 1))),
                      (torch.transpose, (x, 1, 3)), (F.adaptive_avg_pool2d, (x, (1, None))), (F.dropout, (x,))]:
         _assert_same(rules.function(fn, args, {}), None, *_real(fn, *args))
+
+
+def test_a_pool_rule_minimum_size_is_a_constraint_not_specialisation_noise():
+    """`out >= 1` on a pooled size reads like 0/1-specialisation noise (`x >= 1`) but pins a
+    minimum input size; the smallest size that runs for real must be the reported one."""
+    from mixfx.analysis import analyze
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.AvgPool2d(2), nn.AvgPool2d(2), nn.MaxPool2d(3, 2, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+    def runs(h):
+        try:
+            model(torch.zeros(1, 3, h, 64))
+            return True
+        except RuntimeError:
+            return False
+
+    smallest = next(h for h in range(1, 64) if runs(h))
+    report = analyze(model, torch.zeros(1, 3, 64, 64))
+    assert f"H >= {smallest}" in [str(c) for c in report.constraints]
