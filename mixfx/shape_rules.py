@@ -73,6 +73,12 @@ class ShapeOnly:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
+    def numel(self) -> Any:
+        n = 1
+        for d in self.shape:
+            n = n * d
+        return n
+
     def __repr__(self) -> str:
         return f"ShapeOnly({list(self.shape)}, {self.dtype})"
 
@@ -277,32 +283,145 @@ class ShapeRules:
         return output, h_n
 
     def conv(self, mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> Any:
-        nd = len(mod.kernel_size)
-        if mod.padding_mode != "zeros" or x.dim() != nd + 2:
-            return NOT_HANDLED  # reflect/circular padding and unbatched inputs: let the kernel decide
-        if x.shape[1] != mod.in_channels:
-            raise RuntimeError(f"{type(mod).__name__} expects {mod.in_channels} input channels, got shape "
-                               f"{list(x.shape)}")
+        if mod.padding_mode != "zeros":
+            return NOT_HANDLED  # reflect/circular padding: let the kernel decide
+        return self.conv_shape(x, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                               mod.dilation, type(mod).__name__)
+
+    def conv_shape(self, x: Any, in_channels: int, out_channels: int, kernel: tuple, stride: tuple,
+                   padding: Any, dilation: tuple, what: str) -> Any:
+        nd = len(kernel)
+        if x.dim() != nd + 2 or not all(len(v) == nd for v in (stride, dilation)) \
+                or not (isinstance(padding, str) or len(padding) == nd):
+            return NOT_HANDLED  # unbatched inputs: let the kernel decide
+        if x.shape[1] != in_channels:
+            raise RuntimeError(f"{what} expects {in_channels} input channels, got shape {list(x.shape)}")
         sizes = []
         for i in range(nd):
-            n, k, s, d = x.shape[2 + i], mod.kernel_size[i], mod.stride[i], mod.dilation[i]
-            if mod.padding == "same":
+            n, k, s, d = x.shape[2 + i], kernel[i], stride[i], dilation[i]
+            if padding == "same":
                 sizes.append(n)
                 continue
-            p = 0 if mod.padding == "valid" else mod.padding[i]
+            p = 0 if padding == "valid" else padding[i]
             if n + 2 * p < d * (k - 1) + 1:  # torch's own wording
                 raise RuntimeError(f"Calculated padded input size per channel: ({n + 2 * p}). Kernel size: "
                                    f"({d * (k - 1) + 1}). Kernel size can't be greater than actual input size")
             sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
-        return self.empty(x, (x.shape[0], mod.out_channels, *sizes))
+        return self.empty(x, (x.shape[0], out_channels, *sizes))
+
+    def functional_conv(self, x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                        dilation: Any = 1, groups: int = 1) -> Any:
+        """F.conv1d/2d/3d (timm's StdConv2d, weight-standardised convs): the weight gives the
+        kernel and channel counts."""
+        if not isinstance(weight, TENSOR_LIKE) or not isinstance(groups, int) or weight.dim() != x.dim() \
+                or not all(isinstance(d, int) for d in weight.shape):
+            return NOT_HANDLED
+        nd = weight.dim() - 2
+        tup = [_ntuple(v, nd) for v in (stride, dilation)]
+        pad = padding if isinstance(padding, str) else _ntuple(padding, nd)
+        if None in tup or pad is None or (isinstance(pad, str) and pad not in ("same", "valid")):
+            return NOT_HANDLED
+        return self.conv_shape(x, weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), tup[0], pad,
+                               tup[1], "conv")
+
+    def split(self, x: Any, size: Any, dim: Any = 0) -> Any:
+        """torch.split / Tensor.split: views along `dim`; an int chunk size needs a known length."""
+        if not isinstance(dim, int) or _norm_dim(dim, x.dim()) is None or x.dim() == 0:
+            return NOT_HANDLED
+        d = _norm_dim(dim, x.dim())
+        n = x.shape[d]
+        if isinstance(size, int) and not isinstance(size, bool):
+            if not isinstance(n, int) or size <= 0:
+                return NOT_HANDLED
+            sections = [min(size, n - i) for i in range(0, n, size)] or [0]
+        elif isinstance(size, (tuple, list)) and all(isinstance(v, (int, torch.SymInt)) for v in size):
+            sections = list(size)
+            if sum(sections[1:], sections[0]) != n:  # torch's own wording
+                raise RuntimeError(f"split_with_sizes expects split_sizes to sum exactly to {n} (input tensor's "
+                                   f"size at dimension {d}), but got split_sizes={sections}")
+        else:
+            return NOT_HANDLED
+        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        return tuple(self._view(x, (*x.shape[:d], k, *x.shape[d + 1:]), tuple(strides)) for k in sections)
+
+    def stack(self, tensors: Any, dim: Any = 0) -> Any:
+        if not isinstance(tensors, (tuple, list)) or not tensors or not all(isinstance(t, TENSOR_LIKE) for t in tensors) \
+                or not isinstance(dim, int) or len({(t.dtype, t.device) for t in tensors}) != 1:
+            return NOT_HANDLED
+        first = tensors[0]
+        d = _norm_dim(dim, first.dim() + 1)
+        if d is None:
+            return NOT_HANDLED
+        for i, t in enumerate(tensors[1:], 1):
+            if t.dim() != first.dim() or any(a != b for a, b in zip(t.shape, first.shape)):  # torch's own wording
+                raise RuntimeError(f"stack expects each tensor to be equal size, but got {list(first.shape)} at "
+                                   f"entry 0 and {list(t.shape)} at entry {i}")
+        return self.empty(first, (*first.shape[:d], len(tensors), *first.shape[d:]))
+
+    def index(self, x: Any, idx: Any) -> Any:
+        """Basic indexing (ints, slices, None, ...) of dims whose length is known, and full slices
+        of any dim: a view. Anything else (tensors as indices, slices of symbolic dims) runs."""
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if not all(i is None or i is Ellipsis or isinstance(i, slice) or (isinstance(i, int) and not isinstance(i, bool))
+                   for i in items) or sum(i is Ellipsis for i in items) > 1:
+            return NOT_HANDLED
+        consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if consumed > x.dim():
+            return NOT_HANDLED
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items[at:at + 1] = [slice(None)] * (x.dim() - consumed)
+        else:
+            items += [slice(None)] * (x.dim() - consumed)
+        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        sizes, out_strides, d = [], [], 0
+        for i in items:
+            if i is None:
+                sizes.append(1)
+                out_strides.append(1)
+                continue
+            n, st = x.shape[d], strides[d]
+            d += 1
+            if isinstance(i, int):
+                if not isinstance(n, int):
+                    return NOT_HANDLED
+                if not -n <= i < n:  # torch's own wording
+                    raise IndexError(f"index {i} is out of bounds for dimension {d - 1} with size {n}")
+                continue
+            if i == slice(None):
+                sizes.append(n)
+                out_strides.append(st)
+                continue
+            if not isinstance(n, int) or not all(v is None or (isinstance(v, int) and not isinstance(v, bool))
+                                                 for v in (i.start, i.stop, i.step)) or (i.step or 1) <= 0:
+                return NOT_HANDLED
+            sizes.append(len(range(*i.indices(n))))
+            out_strides.append(st * (i.step or 1))
+        return self._view(x, tuple(sizes), tuple(out_strides))
+
+    def reduce(self, x: Any, dim: Any = None, keepdim: bool = False, **kwargs: Any) -> Any:
+        """mean / sum over dims of a floating tensor."""
+        if kwargs or not isinstance(keepdim, bool) or not x.is_floating_point():
+            return NOT_HANDLED
+        rank = x.dim()
+        dims = list(range(rank)) if dim is None else [dim] if isinstance(dim, int) else dim
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+            return NOT_HANDLED
+        norm = {_norm_dim(d, rank) for d in dims}
+        if None in norm or len(norm) != len(dims):
+            return NOT_HANDLED
+        sizes = tuple(1 if i in norm else d for i, d in enumerate(x.shape) if keepdim or i not in norm)
+        return self.empty(x, sizes)
 
     # -- methods --------------------------------------------------------------------------------
     def method(self, name: str, args: tuple, kwargs: dict) -> Any:
         if not args or not isinstance(args[0], TENSOR_LIKE):
             return NOT_HANDLED
         x, rest = args[0], args[1:]
-        if name == "mean":
-            return self.mean(x, *rest, **kwargs)
+        if name in ("mean", "sum"):
+            return self.reduce(x, *rest, **kwargs)
+        if name == "split" and len(rest) <= 2 and set(kwargs) <= {"dim"}:
+            return self.split(x, *rest, **kwargs)
         if name in ("softmax", "log_softmax") and len(rest) == 1 and (not kwargs or set(kwargs) == {"dtype"}):
             return self.same_layout(x, rest[0]) if kwargs.get("dtype") is None else NOT_HANDLED
         if kwargs:
@@ -325,6 +444,12 @@ class ShapeRules:
             return self.unbind(x, *rest)
         if name in ("sigmoid", "relu", "tanh", "exp", "sqrt", "rsqrt", "abs", "neg", "clone") and not rest:
             return x if x.is_floating_point() else NOT_HANDLED
+        if name == "pow" and len(rest) == 1 and isinstance(rest[0], (int, float)) and not isinstance(rest[0], bool):
+            return x if x.is_floating_point() else NOT_HANDLED
+        if name == "__getitem__" and len(rest) == 1:
+            return self.index(x, rest[0])
+        if name == "reshape_as" and len(rest) == 1 and isinstance(rest[0], TENSOR_LIKE):
+            return self.reshape(x, (tuple(rest[0].shape),))
         if name in ("size", "dim", "shape"):
             return NOT_HANDLED  # cheap already, and `size` reads the real tensor's SymInts
         return NOT_HANDLED
@@ -334,19 +459,6 @@ class ShapeRules:
         if not isinstance(dim, int) or not x.is_floating_point() or _norm_dim(dim, x.dim()) is None:
             return NOT_HANDLED
         return x
-
-    def mean(self, x: Any, dim: Any = None, keepdim: bool = False, **kwargs: Any) -> Any:
-        if kwargs or not isinstance(keepdim, bool) or not x.is_floating_point():
-            return NOT_HANDLED
-        rank = x.dim()
-        dims = list(range(rank)) if dim is None else [dim] if isinstance(dim, int) else dim
-        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
-            return NOT_HANDLED
-        norm = {_norm_dim(d, rank) for d in dims}
-        if None in norm or len(norm) != len(dims):
-            return NOT_HANDLED
-        sizes = tuple(1 if i in norm else d for i, d in enumerate(x.shape) if keepdim or i not in norm)
-        return self.empty(x, sizes)
 
     def permute(self, x: Any, dims: Any) -> Any:
         """A view: sizes and strides permuted (so a later `.view` still sees the real layout)."""
@@ -479,6 +591,32 @@ class ShapeRules:
             return self.transpose(*args)
         if target is torch.unbind and args and isinstance(args[0], TENSOR_LIKE) and not kwargs and len(args) <= 2:
             return self.unbind(*args)
+        if target is operator.getitem and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
+            return self.index(*args)
+        if target in (operator.pow, torch.pow) and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) \
+                and isinstance(args[1], (int, float)) and not isinstance(args[1], bool) and not kwargs:
+            return args[0] if args[0].is_floating_point() else NOT_HANDLED
+        if target in (torch.mean, torch.sum) and args and isinstance(args[0], TENSOR_LIKE):
+            return self.reduce(*args, **kwargs)
+        if target is torch.split and len(args) >= 2 and isinstance(args[0], TENSOR_LIKE) and set(kwargs) <= {"dim"}:
+            return self.split(*args, **kwargs)
+        if target is torch.stack and set(kwargs) <= {"dim"} and 1 <= len(args) <= 2:
+            return self.stack(*args, **kwargs)
+        if target in (F.conv1d, F.conv2d, F.conv3d) and len(args) >= 2 and isinstance(args[0], TENSOR_LIKE) \
+                and not kwargs:
+            return self.functional_conv(*args)
+        if target is F.batch_norm and args and isinstance(args[0], TENSOR_LIKE) and args[0].is_floating_point():
+            mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            training = args[5] if len(args) > 5 else kwargs.get("training", False)
+            if mean is not None and (not isinstance(mean, TENSOR_LIKE) or args[0].dim() < 2
+                                     or mean.shape[0] != args[0].shape[1]):
+                return NOT_HANDLED
+            if training and not (all(isinstance(d, int) for d in args[0].shape) and args[0].numel() > args[0].shape[1]):
+                return NOT_HANDLED  # training mode needs more than one value per channel: let it check
+            return args[0]
+        if target in (F.softmax, torch.softmax) and len(args) == 1 and isinstance(args[0], TENSOR_LIKE) \
+                and set(kwargs) <= {"dim", "dtype", "_stacklevel"} and kwargs.get("dtype") is None and "dim" in kwargs:
+            return self.same_layout(args[0], kwargs["dim"])
         if target is F.adaptive_avg_pool2d and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
             return self.adaptive_pool2d(*args)
         if target is F.interpolate and args and isinstance(args[0], TENSOR_LIKE):
@@ -524,8 +662,9 @@ class ShapeRules:
         names = ("query", "key", "value")
         qkv = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
         rest = {k: v for k, v in kwargs.items() if k not in names}
-        if len(args) > 3 or rest.get("attn_mask") is not None or set(rest) - {"attn_mask", "dropout_p", "is_causal",
-                                                                              "scale", "enable_gqa"}:
+        mask = rest.get("attn_mask")
+        if len(args) > 3 or set(rest) - {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"} \
+                or rest.get("enable_gqa") or (mask is not None and (not isinstance(mask, TENSOR_LIKE) or rest.get("is_causal"))):
             return NOT_HANDLED
         q, k, v = qkv
         if not all(isinstance(t, TENSOR_LIKE) and t.dim() >= 3 for t in qkv) or not q.dim() == k.dim() == v.dim() \
@@ -534,6 +673,15 @@ class ShapeRules:
         if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
             raise RuntimeError(f"scaled_dot_product_attention: query {list(q.shape)}, key {list(k.shape)} and value "
                                f"{list(v.shape)} do not fit")
+        if mask is not None:  # must broadcast to (..., L, S): a relative-position bias pins L and S
+            scores = (*q.shape[:-1], k.shape[-2])
+            if mask.dim() > len(scores):
+                return NOT_HANDLED
+            for i in range(1, mask.dim() + 1):
+                m, t = mask.shape[-i], scores[-i]
+                if not _is_one(m) and m != t:
+                    raise RuntimeError(f"scaled_dot_product_attention: attn_mask {list(mask.shape)} does not "
+                                       f"broadcast to the attention scores {list(scores)}")
         return self.empty(q, (*q.shape[:-1], v.shape[-1]))
 
     def cat(self, args: tuple, kwargs: dict) -> Any:
@@ -577,6 +725,14 @@ def _norm_dim(dim: int, rank: int) -> int | None:
 def _is_one(n: Any) -> bool:
     """A size-1 dim (its stride does not matter), told without a guard on a symbolic size."""
     return isinstance(n, int) and n == 1
+
+
+def _ntuple(v: Any, n: int) -> tuple | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    return None
 
 
 def _pair(v: Any) -> tuple[int, int] | None:

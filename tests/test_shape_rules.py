@@ -156,3 +156,74 @@ def test_a_pool_rule_minimum_size_is_a_constraint_not_specialisation_noise():
     smallest = next(h for h in range(1, 64) if runs(h))
     report = analyze(model, torch.zeros(1, 3, 64, 64))
     assert f"H >= {smallest}" in [str(c) for c in report.constraints]
+
+
+@settings(**SETTINGS)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), data=st.data())
+def test_split_stack_index_and_sum_rules_match_the_kernels(shape, data):
+    rank = len(shape)
+    x = torch.empty(shape, device="meta")
+    if data.draw(st.booleans()):
+        x = x.permute(*data.draw(st.permutations(range(rank))))
+    rules = ShapeRules()
+    dim = data.draw(st.integers(-rank, rank - 1))
+    op = data.draw(st.sampled_from(["split_int", "split_list", "stack", "index", "sum"]))
+    if op == "split_int":
+        size = data.draw(st.integers(1, 7))
+        out, real = rules.function(torch.split, (x, size, dim), {}), _real(torch.split, x, size, dim)
+    elif op == "split_list":
+        n = x.shape[dim]
+        cut = data.draw(st.integers(0, n))
+        sections = [cut, n - cut] if data.draw(st.booleans()) else [cut, n - cut + 1]  # the second one is wrong
+        out, real = _rule_or_error(rules.function, torch.split, (x, sections, dim), {}), _real(torch.split, x,
+                                                                                                  sections, dim)
+        _assert_same(*out, *real)
+        return
+    elif op == "stack":
+        other = x if data.draw(st.booleans()) else torch.empty([s + 1 for s in x.shape], device="meta")
+        d = data.draw(st.integers(-rank - 1, rank))
+        got = _rule_or_error(rules.function, torch.stack, ([x, other], d), {})
+        _assert_same(*got, *_real(torch.stack, [x, other], d))
+        return
+    elif op == "index":
+        items = []
+        for n in x.shape:
+            kind = data.draw(st.sampled_from(["full", "int", "slice", "none"]))
+            if kind == "int":
+                items.append(data.draw(st.integers(-n, n - 1)))
+            elif kind == "slice":
+                items.append(slice(data.draw(st.one_of(st.none(), st.integers(-n, n))),
+                                   data.draw(st.one_of(st.none(), st.integers(-n, n))), data.draw(st.integers(1, 3))))
+            elif kind == "none":
+                items += [None, slice(None)]
+            else:
+                items.append(slice(None))
+        idx = tuple(items[:data.draw(st.integers(0, len(items)))])
+        import operator
+        out, real = rules.function(operator.getitem, (x, idx), {}), _real(operator.getitem, x, idx)
+    else:
+        keep = data.draw(st.booleans())
+        out, real = rules.method("sum", (x, dim, keep), {}), _real(x.sum, dim, keep)
+    _assert_same(out, None, *real)
+
+
+@settings(**SETTINGS)
+@given(k=st.integers(1, 4), s=st.integers(1, 3), p=st.integers(0, 2), d=st.integers(1, 2), groups=st.sampled_from([1, 2]),
+       h=st.integers(1, 20), padding_mode=st.sampled_from(["int", "same", "valid"]))
+def test_functional_conv_rule_matches_the_kernel(k, s, p, d, groups, h, padding_mode):
+    x = torch.empty(2, 4, h, h + 3, device="meta")
+    w = torch.empty(6, 4 // groups, k, k, device="meta")
+    pad = p if padding_mode == "int" else padding_mode
+    if pad == "same":
+        s = 1
+    got = _rule_or_error(ShapeRules().function, F.conv2d, (x, w, None, s, pad, d, groups), {})
+    _assert_same(*got, *_real(F.conv2d, x, w, None, s, pad, d, groups))
+
+
+@pytest.mark.parametrize("mask_shape", [None, (1, 1, 7, 9), (2, 3, 7, 9), (7, 9), (1, 1, 7, 8), (3, 1, 9)])
+def test_attention_rule_with_a_mask_matches_the_kernel(mask_shape):
+    q, k, v = (torch.empty(2, 3, 7, 16, device="meta"), torch.empty(2, 3, 9, 16, device="meta"),
+               torch.empty(2, 3, 9, 5, device="meta"))
+    mask = None if mask_shape is None else torch.empty(mask_shape, device="meta")
+    got = _rule_or_error(ShapeRules().function, F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask})
+    _assert_same(*got, *_real(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
