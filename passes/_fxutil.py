@@ -186,7 +186,20 @@ def reshape_where_view_fails(gm: GraphModule, changed: Iterable[Node],
         return []
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from mixfx.shapes import meta_weights
+
     fixer = _ViewFixer(gm, views)
+    try:  # meta tensors compute the same strides as the kernels, with no compute and no weight copies
+        with meta_weights(gm):
+            fixer.run(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                        if isinstance(t, torch.Tensor) else t for t in inputs])
+        if fixer.fixed:
+            gm.recompile()
+        return fixer.fixed
+    except Exception:  # noqa: BLE001 - an op without a meta kernel, a data-dependent size: run below
+        fixed = fixer.fixed
+        fixer = _ViewFixer(gm, views)
+        fixer.fixed = fixed
     small = all(t.numel() <= SMALL_INPUT for t in inputs if isinstance(t, torch.Tensor))
     try:
         if small:
