@@ -25,7 +25,7 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
     info.add_row("head", f"{report.head.module or report.head.node} ({report.head.op}"
                  f"{', top level' if not report.head.module else ''}, node {report.head.node})"
                  if report.head else ("none: the output is spatial" if report.fully_convolutional else "-"))
-    info.add_row("constraints", "; ".join(report.constraints) or "none found")
+    info.add_row("constraints", "; ".join(_short_constraint(c) for c in report.constraints) or "none found")
     checks = []
     for c in report.concrete_checks:
         size = "x".join(map(str, c.input_shape[2:]))
@@ -71,3 +71,15 @@ def render_nodes(report: AnalysisReport, console: Console) -> None:
         style = STATUS_STYLE.get(n.status, "")
         t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style))
     console.print(t)
+
+
+LONG_CONSTRAINT = 160
+
+
+def _short_constraint(text: str) -> str:
+    """Windowed models (Swin, DaViT) give relations over nested pad/window expressions thousands of
+    characters long: the table shows their start, `--json` the whole."""
+    text = str(text)
+    if len(text) <= LONG_CONSTRAINT:
+        return text
+    return f"{text[:LONG_CONSTRAINT - 40]}... ({len(text)} characters; --json has it whole)"

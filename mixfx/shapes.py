@@ -401,15 +401,46 @@ def _quiet_sympy_warnings() -> Iterator[None]:
     import logging
 
     loggers = [logging.getLogger(name) for name in ("torch.fx.experimental.sym_node",
-                                                    "torch.fx.experimental.symbolic_shapes")]
+                                                    "torch.fx.experimental.symbolic_shapes",
+                                                    "torch.utils._sympy.interp",  # "failed while executing"
+                                                    "torch._subclasses.fake_tensor")]  # our budget's exception
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _light_floordiv_simplify() -> Iterator[None]:
+    """torch's `FloorDiv`/`ModularIndexing` divide out a common factor and then call
+    `sympy.simplify` on the quotient, which tries every simplification strategy: seconds per call
+    on a windowed model's nested pad expressions (Swin's `window_reverse`: 3 s). The quotient is
+    an exact polynomial division, so `sympy.cancel` gives an equal expression in milliseconds.
+    Only that module's `sympy.simplify` changes, and only during the run."""
+    import types
+
+    import sympy
+    from torch.utils._sympy import functions
+
+    def cancel(expr: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return sympy.cancel(expr)
+        except Exception:  # noqa: BLE001 - anything cancel cannot take: the original path
+            return sympy.simplify(expr, *args, **kwargs)
+
+    light = types.ModuleType("sympy")
+    light.__dict__.update(vars(sympy))
+    light.simplify = cancel
+    original = functions.sympy
+    functions.sympy = light
+    try:
+        yield
+    finally:
+        functions.sympy = original
 
 
 class SymbolicBudgetExceeded(Exception):
@@ -474,7 +505,7 @@ def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
     from torch._dispatch.python import enable_python_dispatcher
 
     # The Python dispatcher lets composite ops (F.interpolate with a SymInt size) decompose.
-    with meta_weights(gm), mode, enable_python_dispatcher(), _quiet_sympy_warnings():
+    with meta_weights(gm), mode, enable_python_dispatcher(), _quiet_sympy_warnings(), _light_floordiv_simplify():
         try:
             with time_budget(budget_s):
                 interp.run(fake_x)
