@@ -186,13 +186,14 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
         xs = list(range(1, example[name] + WINDOW + 1))
         slices[name] = (xs, [f(**{**base, name: x}) for x in xs])
     if len(used) == 1:
-        out = [_characterise_1d(used[0], *slices[used[0]], rel)]
+        out = [_widen_pin(_characterise_1d(used[0], *slices[used[0]], rel), f, base, example, rel)]
     elif any(_bounded(vals) for _, vals in slices.values()):
         out = [GuardMeaning("fixed", _readable_pin(rel, slices), used)]
     elif not _separable(f, used, base, slices):
         out = [GuardMeaning("other", rel, used)]
     else:
-        out = [m for m in (_characterise_1d(name, *slices[name], rel) for name in used) if m.kind != "always"]
+        out = [m for m in (_widen_pin(_characterise_1d(name, *slices[name], rel), f, base, example, rel)
+                           for name in used) if m.kind != "always"]
         out = out or [GuardMeaning("always", rel, used)]
     for m in out:
         m.counterexample = _counterexample(m.symbols or used, base, slices)
@@ -241,6 +242,12 @@ def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: 
                 out.append(f"{name} >= {first}")
         else:
             full = _characterise_1d(name, xs, vals, "")
+            if full.kind not in ("divisible", "min_size", "max_size") and not full.modulus:
+                # a period longer than a third of the window (HaloNet: 256) looks like a pin:
+                # look again over three times the example size
+                xs = list(range(1, 3 * example[name] + 2 * WINDOW + 1))
+                vals = [all(p(**{**base, name: x}) for p in mine) for x in xs]
+                full = _characterise_1d(name, xs, vals, "")
             if full.kind in ("divisible", "min_size", "max_size"):
                 out.append(full.text)
             elif full.modulus:
@@ -322,6 +329,23 @@ def _characterise_1d(name: str, xs: list[int], vals: list[bool], rel: str) -> Gu
     if _bounded(vals):
         return GuardMeaning("fixed", _readable_pin(rel, {name: (xs, vals)}), (name,))
     return GuardMeaning("other", rel, (name,))
+
+
+def _widen_pin(m: GuardMeaning, f: Callable[..., bool], base: dict[str, int], example: Mapping[str, int],
+               rel: str) -> GuardMeaning:
+    """A guard that looks like a pin within 1..example+WINDOW may repeat with a longer period
+    (HaloNet: H % 256 in {0, 253, 254, 255}, read as `H in {253, ..., 256}`): look again over
+    three times the example size, only for pins (few guards, so the extra evaluations are cheap)."""
+    if m.kind != "fixed" or len(m.symbols) != 1:
+        return m
+    name = m.symbols[0]
+    xs = list(range(1, 3 * example[name] + WINDOW + 1))
+    try:
+        vals = [f(**{**base, name: x}) for x in xs]
+    except Exception:  # noqa: BLE001 - keep the narrow reading
+        return m
+    wide = _characterise_1d(name, xs, vals, rel)
+    return m if wide.kind == "fixed" else wide
 
 
 READABLE_RELATION = 60  # characters; longer pinning relations are shown as the sizes they accept

@@ -65,3 +65,12 @@ def test_scattered_truth_set_is_not_fixed():
 def test_window_partition_guards_collapse_to_one_constraint_per_dim():
     exprs = [sympy.Eq(PythonMod(FloorDiv(H, 4), 7), 0), sympy.Eq(PythonMod(FloorDiv(W, 4), 7), 0), H >= 28]
     assert summarise_domain(exprs, SYM, EX) == ["(H//4) % 7 == 0", "(W//4) % 7 == 0"]
+
+
+def test_a_period_longer_than_the_window_is_read_as_a_period_not_a_pin():
+    """HaloNet accepts H % 256 in {0, 253, 254, 255}: within 1..example+window that looks like the
+    pin `H in {253, ..., 256}`; the wider look finds the period."""
+    guard = sympy.Lt(PythonMod(H + 3, 256), 4)
+    assert summarise_domain([guard], SYM, {"H": 256, "W": 256}) == ["H % 256 in {0, 253, 254, 255}"]
+    [m] = characterise(guard, SYM, {"H": 256, "W": 256})
+    assert m.kind != "fixed" and m.modulus == 256
