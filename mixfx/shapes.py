@@ -432,10 +432,13 @@ def _light_floordiv_simplify() -> Iterator[None]:
         except Exception:  # noqa: BLE001 - anything cancel cannot take: the original path
             return sympy.simplify(expr, *args, **kwargs)
 
+    original = getattr(functions, "sympy", None)
+    if original is not sympy:  # another torch layout: leave it alone
+        yield
+        return
     light = types.ModuleType("sympy")
     light.__dict__.update(vars(sympy))
     light.simplify = cancel
-    original = functions.sympy
     functions.sympy = light
     try:
         yield
