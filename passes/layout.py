@@ -89,20 +89,24 @@ class LayoutCleanup(RewritePass):
     def call(self, gm: GraphModule) -> RewritePassResult:
         self.gm = gm
         self.shapes = fu.propagate_shapes(gm, self.example_inputs)
+        self._input_dependent: set[Node] | None = None
         self.changes: list[Change] = []
         self.touched: list[Node] = []  # nodes whose value is now computed in another memory layout
         before = self._count_permutes()
         steps = 0
         progress = True
+        # sweep the graph, applying every rule that fires, until a sweep changes nothing (a sweep
+        # goes on after a change instead of starting over: linear, not quadratic, in the graph size)
         while progress and steps < self.max_steps:
             progress = False
             for node in list(gm.graph.nodes):
+                if steps >= self.max_steps:
+                    break
                 if node.graph is None or getattr(node, "_erased", False):
                     continue
                 if self._try_cancel(node) or self._try_hoist(node) or self._try_native(node):
                     progress = True
                     steps += 1
-                    break
         notes = []
         after = self._count_permutes()
         if self.changes:
@@ -115,6 +119,13 @@ class LayoutCleanup(RewritePass):
         result = RewritePassResult(gm, bool(self.changes), self.changes, [], notes)
         del self.gm, self.shapes, self.touched
         return result
+
+    def _depends_on_input(self, node: Node) -> bool:
+        """`fu.depends_on_input`, answered from the input-dependent nodes of the graph as it was
+        first asked (a rewrite never makes a constant depend on the input); new nodes are searched."""
+        if self._input_dependent is None:
+            self._input_dependent = fu.descendants(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        return node in self._input_dependent or fu.depends_on_input(node)
 
     def _count_permutes(self) -> int:
         return sum(1 for n in self.gm.graph.nodes if fu.permutation_of(n, self.shapes) is not None)
@@ -286,7 +297,7 @@ class LayoutCleanup(RewritePass):
         (other,) = others
         if not isinstance(other, Node):
             return _replace_input if isinstance(other, (int, float, bool)) else None
-        if other not in self.shapes or fu.depends_on_input(other):
+        if other not in self.shapes or self._depends_on_input(other):
             return None
         r = len(p)
         o_shape = tuple(self.shapes[other])
