@@ -174,17 +174,26 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
     rel = format_relation(expr, symbols)
     if not used:
         return [GuardMeaning("always", rel, used)]
-    f = predicate(expr, symbols) if not isinstance(expr, sympy.Ne) else None
-    base = {n: example[n] for n in symbols}
-    if is_specialisation_noise(expr) and (f is None or _holds_from_two(f, used, base, example)):
+    noise = is_specialisation_noise(expr)
+    if noise and isinstance(expr, sympy.Ne):
         return [GuardMeaning("specialisation", rel, used)]
     if isinstance(expr, sympy.Eq) and len(used) == 2 and _is_symbol_pair(expr, symbols):
         return [GuardMeaning("equal", rel, used)]
-    f = f or predicate(expr, symbols)
+    f = predicate(expr, symbols)
+    base = {n: example[n] for n in symbols}
     slices: dict[str, tuple[list[int], list[bool]]] = {}
-    for name in used:
-        xs = list(range(1, example[name] + WINDOW + 1))
-        slices[name] = (xs, [f(**{**base, name: x}) for x in xs])
+    try:
+        for name in used:
+            xs = list(range(1, example[name] + WINDOW + 1))
+            slices[name] = (xs, [f(**{**base, name: x}) for x in xs])
+    except Exception:  # noqa: BLE001 - an unevaluable `x >= 1`-style guard keeps the syntactic reading
+        if noise:
+            return [GuardMeaning("specialisation", rel, used)]
+        raise
+    # a `x >= 1`-style guard is 0/1-specialisation noise only if it holds for every size >= 2;
+    # `(H - 2)//2 + 1 >= 1` on a pooled size is a real minimum input size
+    if noise and all(all(vals[1:]) for _, vals in slices.values()):
+        return [GuardMeaning("specialisation", rel, used)]
     if len(used) == 1:
         out = [_widen_pin(_characterise_1d(used[0], *slices[used[0]], rel), f, base, example, rel)]
     elif any(_bounded(vals) for _, vals in slices.values()):
@@ -199,19 +208,6 @@ def characterise(expr, symbols: Mapping[str, sympy.Symbol], example: Mapping[str
         m.counterexample = _counterexample(m.symbols or used, base, slices)
         m.expr = expr
     return out
-
-
-def _holds_from_two(f: Callable[..., bool], used, base: dict[str, int], example: Mapping[str, int]) -> bool:
-    """A `x >= 1`-style guard is 0/1-specialisation noise only if it holds for every size >= 2;
-    `(H - 2)//2 + 1 >= 1` on a pooled size is a real minimum input size."""
-    for name in used:
-        for x in range(2, example[name] + WINDOW + 1):
-            try:
-                if not f(**{**base, name: x}):
-                    return False
-            except Exception:  # noqa: BLE001 - unevaluable: keep the old reading
-                return True
-    return True
 
 
 def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: Mapping[str, int]) -> list[str]:

@@ -182,7 +182,7 @@ class ShapeRules:
 
         if x.dim() not in (3, 4) or not x.is_floating_point():
             return NOT_HANDLED
-        pair = [_pair(v) for v in (kernel, stride if stride else kernel, padding, dilation)]
+        pair = [_ntuple(v, 2) for v in (kernel, stride if stride else kernel, padding, dilation)]
         if any(p is None for p in pair):
             return NOT_HANDLED
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pair
@@ -238,7 +238,7 @@ class ShapeRules:
         if x.dim() != 4 or getattr(mod, "ceil_mode", False):
             return NOT_HANDLED
         if isinstance(mod, nn.Conv2d):
-            if mod.padding_mode != "zeros" or any(p != 0 for p in _pair(mod.padding) or (1,)):
+            if mod.padding_mode != "zeros" or any(p != 0 for p in _ntuple(mod.padding, 2) or (1,)):
                 return NOT_HANDLED
             if x.shape[1] != mod.in_channels:
                 raise RuntimeError(f"{type(mod).__name__} expects {mod.in_channels} input channels, got shape "
@@ -246,7 +246,7 @@ class ShapeRules:
             channels = mod.out_channels
         else:
             channels = x.shape[1]
-        stride = _pair(mod.stride)
+        stride = _ntuple(mod.stride, 2)
         if stride is None:
             return NOT_HANDLED
         sizes = tuple((x.shape[2 + i] + stride[i] - 1) // stride[i] for i in range(2))
@@ -341,7 +341,7 @@ class ShapeRules:
                                    f"size at dimension {d}), but got split_sizes={sections}")
         else:
             return NOT_HANDLED
-        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        strides = _view_strides(x)
         return tuple(self._view(x, (*x.shape[:d], k, *x.shape[d + 1:]), tuple(strides)) for k in sections)
 
     def stack(self, tensors: Any, dim: Any = 0) -> Any:
@@ -373,7 +373,7 @@ class ShapeRules:
             items[at:at + 1] = [slice(None)] * (x.dim() - consumed)
         else:
             items += [slice(None)] * (x.dim() - consumed)
-        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        strides = _view_strides(x)
         sizes, out_strides, d = [], [], 0
         for i in items:
             if i is None:
@@ -450,8 +450,6 @@ class ShapeRules:
             return self.index(x, rest[0])
         if name == "reshape_as" and len(rest) == 1 and isinstance(rest[0], TENSOR_LIKE):
             return self.reshape(x, (tuple(rest[0].shape),))
-        if name in ("size", "dim", "shape"):
-            return NOT_HANDLED  # cheap already, and `size` reads the real tensor's SymInts
         return NOT_HANDLED
 
     def same_layout(self, x: Any, dim: Any) -> Any:
@@ -470,7 +468,7 @@ class ShapeRules:
             return NOT_HANDLED
         if order == list(range(rank)):
             return x
-        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        strides = _view_strides(x)
         return self._view(x, tuple(x.shape[i] for i in order), tuple(strides[i] for i in order))
 
     def transpose(self, x: Any, a: Any, b: Any) -> Any:
@@ -510,7 +508,7 @@ class ShapeRules:
         d = _norm_dim(dim, rank) if isinstance(dim, int) else None
         if d is None or not isinstance(x.shape[d], int):
             return NOT_HANDLED
-        strides = x.stride() if _strides(x) is not None else contiguous_strides(tuple(x.shape))
+        strides = _view_strides(x)
         sizes = tuple(s for i, s in enumerate(x.shape) if i != d)
         out = self._view(x, sizes, tuple(s for i, s in enumerate(strides) if i != d))
         return tuple(out for _ in range(x.shape[d]))
@@ -580,9 +578,10 @@ class ShapeRules:
         if target is F.dropout and args and isinstance(args[0], TENSOR_LIKE) and not kwargs.get("inplace") \
                 and not (len(args) > 3 and args[3]):
             return args[0]
-        if target in (F.softmax, torch.softmax) and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) \
-                and kwargs.get("dtype") is None and set(kwargs) <= {"dtype", "_stacklevel"}:
-            return self.same_layout(args[0], args[1])
+        if target in (F.softmax, torch.softmax) and args and isinstance(args[0], TENSOR_LIKE) \
+                and set(kwargs) <= {"dim", "dtype", "_stacklevel"} and kwargs.get("dtype") is None:
+            dims = [*args[1:], *([kwargs["dim"]] if "dim" in kwargs else [])]  # dim given once
+            return self.same_layout(args[0], dims[0]) if len(dims) == 1 else NOT_HANDLED
         if target is torch.flatten and args and isinstance(args[0], TENSOR_LIKE) and not kwargs and len(args) <= 3:
             return self.flatten(*args)
         if target is torch.permute and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
@@ -614,9 +613,6 @@ class ShapeRules:
             if training and not (all(isinstance(d, int) for d in args[0].shape) and args[0].numel() > args[0].shape[1]):
                 return NOT_HANDLED  # training mode needs more than one value per channel: let it check
             return args[0]
-        if target in (F.softmax, torch.softmax) and len(args) == 1 and isinstance(args[0], TENSOR_LIKE) \
-                and set(kwargs) <= {"dim", "dtype", "_stacklevel"} and kwargs.get("dtype") is None and "dim" in kwargs:
-            return self.same_layout(args[0], kwargs["dim"])
         if target is F.adaptive_avg_pool2d and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
             return self.adaptive_pool2d(*args)
         if target is F.interpolate and args and isinstance(args[0], TENSOR_LIKE):
@@ -735,14 +731,6 @@ def _ntuple(v: Any, n: int) -> tuple | None:
     return None
 
 
-def _pair(v: Any) -> tuple[int, int] | None:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    return None
-
-
 def _strides(x: Any) -> tuple | None:
     """None when `x` is known to be contiguous, else its strides. For real fake tensors the test is
     structural (the stride expressions equal the contiguous ones), so it adds no guard."""
@@ -753,6 +741,13 @@ def _strides(x: Any) -> tuple | None:
     if all(_expr(a) == _expr(b) or _is_one(n) for a, b, n in zip(strides, want, x.shape)):
         return None
     return tuple(strides)
+
+
+def _view_strides(x: Any) -> tuple:
+    """The strides a view of `x` is computed from: its own, or the canonical contiguous ones (a
+    fake tensor's contiguous strides may be written differently, e.g. with Max(1, size))."""
+    strides = _strides(x)
+    return strides if strides is not None else contiguous_strides(tuple(x.shape))
 
 
 def _is_timm_same_padded(mod: nn.Module) -> bool:

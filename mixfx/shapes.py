@@ -122,7 +122,7 @@ class _PropagationInterpreter(torch.fx.Interpreter):
         self.rules = ShapeRules(lazy=True) if fast else None
         self.memo = ShapeMemo(gm) if fast else None
         # inside leaf modules and opaque functions, the rules apply per torch call
-        self.shortcuts = _FunctionShortcuts() if fast else contextlib.nullcontext()
+        self.shortcuts = _FunctionShortcuts() if fast else None
 
     def is_check(self, n: torch.fx.Node) -> bool:
         if n.op == "call_function":
@@ -242,7 +242,16 @@ class _FunctionShortcuts(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.rules = ShapeRules()
-        self.enabled = True  # off while a value probe computes real values
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Every op computes in this block (a value probe needs real values)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -286,16 +295,11 @@ class _MetaInterpreter(_PropagationInterpreter):
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if tensors and sum(t.numel() for t in tensors) <= VALUE_PROBE_LIMIT:
                 real_args, real_kwargs = torch.utils._pytree.tree_map(_zeros_for_meta, (args, kwargs))
-                shortcuts = self.shortcuts if isinstance(self.shortcuts, _FunctionShortcuts) else None
-                if shortcuts is not None:
-                    shortcuts.enabled = False  # real values: every op computes
                 try:
-                    target(*real_args, **real_kwargs)
+                    with self.shortcuts.paused() if self.shortcuts else contextlib.nullcontext():
+                        target(*real_args, **real_kwargs)  # real values: every op computes
                 except Exception as exc:  # noqa: BLE001 - a finding, compared with the example's
                     self.probe_failures[self.current.name] = _short(exc)
-                finally:
-                    if shortcuts is not None:
-                        shortcuts.enabled = True
         return out
 
 

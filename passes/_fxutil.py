@@ -175,7 +175,7 @@ def reshape_where_view_fails(gm: GraphModule, changed: Iterable[Node],
     layout gives the same values, not the same memory layout), a later `x.view(...)` the original
     graph ran may now fail. Each such view (downstream of `changed`) becomes `reshape`, which
     computes the same values; views that still work are left alone. Returns the nodes changed.
-    The graph is run on the example input (fake tensors, or real ones where that fails), and only
+    The graph is run on the example input (meta tensors, else fake, else real ones), and only
     as far as the views need. (A reshape that copies no longer aliases its input: an in-place op
     on one of them would not show in the other. Verification compares the outputs.)"""
     views = {n for n in descendants(changed) if is_size_view(n)}
@@ -188,35 +188,35 @@ def reshape_where_view_fails(gm: GraphModule, changed: Iterable[Node],
 
     from mixfx.shapes import meta_weights
 
-    fixer = _ViewFixer(gm, views)
-    try:  # meta tensors compute the same strides as the kernels, with no compute and no weight copies
+    def on_meta(fixer: _ViewFixer) -> None:  # the kernels' strides, no compute, no weight copies
         with meta_weights(gm):
             fixer.run(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                         if isinstance(t, torch.Tensor) else t for t in inputs])
-        if fixer.fixed:
-            gm.recompile()
-        return fixer.fixed
-    except Exception:  # noqa: BLE001 - an op without a meta kernel, a data-dependent size: run below
-        fixed = fixer.fixed
-        fixer = _ViewFixer(gm, views)
-        fixer.fixed = fixed
-    small = all(t.numel() <= SMALL_INPUT for t in inputs if isinstance(t, torch.Tensor))
-    try:
-        if small:
-            fixer.run(*inputs)
-        else:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fixer.run(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs])
-    except Exception:  # noqa: BLE001 - an op without a fake kernel: run it for real
-        if small:
-            raise
-        fixed = fixer.fixed
-        fixer = _ViewFixer(gm, views)
-        fixer.fixed = fixed
+
+    def on_fake(fixer: _ViewFixer) -> None:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fixer.run(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs])
+
+    def on_real(fixer: _ViewFixer) -> None:
         fixer.run(*inputs)
-    if fixer.fixed:
+
+    # each run is a fallback for the one before (an op without a meta or fake kernel, a
+    # data-dependent size); tiny inputs skip fake tensors, which cost more than a real run
+    small = all(t.numel() <= SMALL_INPUT for t in inputs if isinstance(t, torch.Tensor))
+    runs = [on_meta, on_real] if small else [on_meta, on_fake, on_real]
+    fixed: list[Node] = []  # shared by the runs: a view made `reshape` stays so
+    for i, run in enumerate(runs):
+        fixer = _ViewFixer(gm, views)
+        fixer.fixed = fixed
+        try:
+            run(fixer)
+            break
+        except Exception:  # noqa: BLE001 - the next run; the last one's error is the caller's
+            if i == len(runs) - 1:
+                raise
+    if fixed:
         gm.recompile()
-    return fixer.fixed
+    return fixed
 
 
 def views_note(pass_name: str, fixed: Sequence[Node]) -> list[str]:
