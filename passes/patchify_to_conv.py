@@ -47,12 +47,21 @@ class PatchifyToConv(RewritePass):
         chains = {n: c for n, c in chains.items() if c.chain}
         if not chains:
             return RewritePassResult(gm, False)
-        values = evaluate(gm, [c.chain[-1] for c in chains.values()], example_inputs(gm, self.example_inputs))
+        inputs = example_inputs(gm, self.example_inputs)
+        # most Linears sit behind attention's `transpose.reshape`: their ranks (from a meta run)
+        # rule them out, so real values are computed only up to the chains that may cut patches
+        ranks = _ranks_on_meta(gm, inputs)
+        if ranks is not None:
+            chains = {n: c for n, c in chains.items() if _looks_like_patchify(gm, c, ranks)}
+            if not chains:
+                return RewritePassResult(gm, False)
+        values = evaluate(gm, [c.chain[-1] for c in chains.values()], inputs)
+        ranks = ranks or {n: v.dim() for n, v in values.items() if isinstance(v, torch.Tensor)}
         changes, skipped, notes = [], [], []
         outs: list[Node] = []  # the values now computed in another memory layout
         for node, chain in chains.items():
             x, weight, bias, module_path = _linear_parts(gm, node)
-            if not _looks_like_patchify(gm, chain, values):
+            if not _looks_like_patchify(gm, chain, ranks):
                 continue
             try:
                 layout = self._layout(gm, chain, values)
@@ -141,11 +150,23 @@ def _fetch(gm: GraphModule, target: str) -> Any:
     return obj
 
 
-def _looks_like_patchify(gm: GraphModule, chain: PatchChain, values: dict[Node, Any]) -> bool:
+def _ranks_on_meta(gm: GraphModule, inputs: Sequence[Any]) -> dict[Node, int] | None:
+    """The rank of every tensor-valued node, from a run on meta tensors with mixfx's shape rules
+    (milliseconds); None where the graph cannot run on meta tensors."""
+    from mixfx.shapes import meta_tensor_shapes
+
+    try:
+        by_name = meta_tensor_shapes(gm, list(inputs))
+    except Exception:  # noqa: BLE001 - a data-dependent size, an op without a meta kernel
+        return None
+    return {n: len(by_name[n.name]) for n in gm.graph.nodes if n.name in by_name}
+
+
+def _looks_like_patchify(gm: GraphModule, chain: PatchChain, ranks: dict[Node, int]) -> bool:
     """A chain worth a probe (and a Skip if it fails): it unfolds, rearranges, or splits a dim.
     Chains that only merge or permute dims (attention's `transpose.reshape`, a head's `flatten`)
     can never cut patches out of a grid and are left alone silently."""
-    rank = lambda n: getattr(values.get(n), "dim", lambda: -1)()  # noqa: E731
+    rank = lambda n: ranks.get(n, -1)  # noqa: E731
     if rank(chain.source) < 3:
         return False
     prev = chain.source
