@@ -146,14 +146,16 @@ def _module_class_defined_at(model: nn.Module, filename: str, lineno: int) -> st
     import inspect
 
     best = None
-    for m in model.modules():
-        cls = type(m)
+    # each class once, and only those defined in that file (getsourcelines re-parses the file:
+    # 14 ms a call, 13 s over the 950 modules of a Gemma4 ViT)
+    for cls in dict.fromkeys(type(m) for m in model.modules()):
         try:
-            src_file = inspect.getsourcefile(cls)
+            if inspect.getsourcefile(cls) != filename:
+                continue
             lines, start = inspect.getsourcelines(cls)
         except (OSError, TypeError):
             continue
-        if src_file and src_file == filename and start <= lineno < start + len(lines):
+        if start <= lineno < start + len(lines):
             best = cls.__name__
     return best
 
