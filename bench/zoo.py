@@ -13,7 +13,8 @@ timeout (a crash or hang only loses that row):
    for models up to --forward-limit parameters. "fixed" must fail at one of the other sizes,
    "convolutional"/"polymorphic" must run at both;
 3. `mixfx.rewrite(--to conv)` and `(--to linear)` with numeric verification, for models up to
-   --rewrite-limit parameters;
+   --rewrite-limit parameters (sharing `reference_outputs`: the original's outputs are computed
+   once for both; `--to linear`'s time excludes them);
 recording time and the growth of peak RSS of each step. Rows are appended to bench/results/zoo.csv
 as they finish (re-running skips the names already there: resumable); bench/results/zoo_summary.md
 is rebuilt at the end (per family and overall).
@@ -178,7 +179,9 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
                 expect_fixed = rep.classification == "fixed"
                 row["agrees"] = (verdict != "runs_all") if expect_fixed else (verdict == "runs_all")
 
-        # ---- rewrites
+        # ---- rewrites (one dict of the original's outputs at the verification inputs, shared by
+        # both: the original runs once per input, not once per rewrite)
+        reference_outputs: dict = {}
         for target, key, counted in (("conv", "conv", "linear"), ("linear", "linear", "conv1x1")):
             stage = f"rewrite_{target}"
             if params > opts["rewrite_limit"] or real is None or row.get("concrete") != "ran":
@@ -190,7 +193,8 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
             row[before_name] = _count(real, counted)
             try:
                 with timed(row, key):
-                    res = mixfx.rewrite(real, to=target, example_input=torch.randn(shape), analyze=False)
+                    res = mixfx.rewrite(real, to=target, example_input=torch.randn(shape), analyze=False,
+                                        reference_outputs=reference_outputs)
                 row[f"{key}_status"] = ("MISMATCH" if not res.verification.passed
                                         else "degenerate" if res.verification.degenerate else "verified")
                 row[f"{key}_changes"] = len(res.changes)

@@ -136,17 +136,23 @@ def _rigid(report: Any) -> list[str]:
 
 def second_sizes(example_input: torch.Tensor) -> list[tuple[int, ...]]:
     """Candidate second input sizes, in order of preference: the spatial dims shrunk by different
-    multiples of 32 (H != W; 224x224 -> 192x160, 0.6x the compute of the example), then grown by
-    them (for inputs too small to shrink, or models with a minimum size), then doubled."""
+    multiples of 32 (224x224 -> 192x160, 0.6x the compute of the example; never H == W), then grown
+    by them (for inputs too small to shrink, or models with a minimum size), then doubled."""
     shape = tuple(example_input.shape)
     if len(shape) < 3:
         return []
     spatial = shape[2:]
-    deltas = [32 if i == 0 else 64 for i in range(len(spatial))]
-    grown = shape[:2] + tuple(s + d for s, d in zip(spatial, deltas))
-    doubled = shape[:2] + tuple(2 * s for s in spatial)
-    if all(s - d >= max(d, s // 2) for s, d in zip(spatial, deltas)):
-        return [shape[:2] + tuple(s - d for s, d in zip(spatial, deltas)), grown, doubled]
+
+    def moved(sign: int) -> tuple[int, ...]:
+        deltas = [32 * (i + 1) for i in range(len(spatial))]
+        out = tuple(s + sign * d for s, d in zip(spatial, deltas))
+        if len(out) > 1 and len(set(out)) == 1:  # 96x128 -> 64x64: take the deltas the other way
+            out = tuple(s + sign * d for s, d in zip(spatial, reversed(deltas)))
+        return shape[:2] + out
+
+    shrunk, grown, doubled = moved(-1), moved(1), shape[:2] + tuple(2 * s for s in spatial)
+    if all(n >= max(s - n, s // 2) for s, n in zip(spatial, shrunk[2:])):
+        return [shrunk, grown, doubled]
     return [grown, doubled]
 
 
@@ -163,12 +169,15 @@ def rewrite(
     analyze: bool = True,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
+    reference_outputs: dict | None = None,
 ) -> RewriteResult:
     """Rewrite `model` towards `to` ("conv": Linear -> 1x1 conv; "linear": 1x1 conv -> Linear).
 
     `passes` overrides the default pipeline (`passes.passes_for(to, only)`). `verify_sizes` gives
     the extra input shapes to verify at (default: a second size when the model takes one).
-    `analyze=False` skips the before/after classification (faster). Raises `VerificationError`
+    `analyze=False` skips the before/after classification (faster). `reference_outputs`: one
+    dict shared by several rewrites of the same unchanged model (`--to conv` and `--to linear`)
+    runs the original once per verification input (see `mixfx.verify.verify`). Raises `VerificationError`
     when the result is not equivalent and `PassError` when a pass fails."""
     if to not in TARGETS:
         raise UsageError(f"unknown rewrite target {to!r}.", "Use --to conv or --to linear.")
@@ -219,7 +228,8 @@ def rewrite(
             extra = next(([s] for s in candidates if _runs(model, example_input, s)), [])
         else:
             extra = [tuple(s) for s in verify_sizes]
-        verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol)
+        verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol,
+                              reference_outputs=reference_outputs)
         timings["verify_s"] = time.perf_counter() - t0
         if verification.float64_sizes:
             notes.append("verification: " + verification.summary().split("; ", 1)[-1]

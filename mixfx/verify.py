@@ -131,6 +131,13 @@ def compare_outputs(ref: Any, out: Any, atol: float, rtol: float) -> tuple[float
     return max_abs, rel, scale, max_abs <= atol + rtol * scale, None
 
 
+@dataclass(frozen=True)
+class _OriginalFailed:
+    """The original raised at this input (kept in `reference_outputs` like an output)."""
+
+    error: str
+
+
 def _run(model: nn.Module, x: torch.Tensor) -> Any:
     with torch.no_grad():
         return model(x)
@@ -145,14 +152,20 @@ def verify(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     seed: int = SEED,
+    reference_outputs: dict | None = None,
 ) -> Verification:
     """Compare `rewritten` against `original` on random inputs shaped like `example_input` and
-    like each of `extra_sizes` (full input shapes). Never raises for a mismatch: see `.passed`."""
+    like each of `extra_sizes` (full input shapes). Never raises for a mismatch: see `.passed`.
+
+    `reference_outputs`: a dict (start it empty) that keeps the original's outputs at the inputs
+    used here. Passing the same dict to several verifications of one unchanged original runs the
+    original once per input instead of once per verification."""
     modes = (original.training, rewritten.training)
     original.eval()
     rewritten.eval()
     try:
-        checks = _compare_at_sizes(original, rewritten, example_input, extra_sizes, seed, atol, rtol)
+        checks = _compare_at_sizes(original, rewritten, example_input, extra_sizes, seed, atol, rtol,
+                                   reference_outputs=reference_outputs)
     finally:
         original.train(modes[0])
         rewritten.train(modes[1])
@@ -191,19 +204,26 @@ def _float64_checks(original: nn.Module, rewritten: nn.Module, example_input: to
 
 def _compare_at_sizes(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
                       extra_sizes: Sequence[Sequence[int]], seed: int, atol: float, rtol: float,
-                      dtype: torch.dtype | None = None) -> list[SizeCheck]:
+                      dtype: torch.dtype | None = None, reference_outputs: dict | None = None) -> list[SizeCheck]:
     """One `SizeCheck` per shape (the example's, then `extra_sizes`), on the same seeded random
-    inputs (cast to `dtype` if given)."""
+    inputs (cast to `dtype` if given). The original's outputs are looked up in, and added to,
+    `reference_outputs` (keyed by the input's shape, dtype, device and seed)."""
     checks: list[SizeCheck] = []
+    cache = reference_outputs if reference_outputs is not None else {}
     for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
         x = random_input(shape, example_input, seed + i)
         if dtype is not None:
             x = x.to(dtype)
-        try:
-            ref = _run(original, x)
-        except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
+        key = (shape, x.dtype, str(x.device), seed + i)
+        if key not in cache:
+            try:
+                cache[key] = _run(original, x)
+            except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
+                cache[key] = _OriginalFailed(f"{type(exc).__name__}: {exc}")
+        ref = cache[key]
+        if isinstance(ref, _OriginalFailed):
             checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
-                                    f"the original model does not run at this size: {type(exc).__name__}: {exc}"))
+                                    f"the original model does not run at this size: {ref.error}"))
             continue
         try:
             out = _run(rewritten, x)

@@ -176,3 +176,49 @@ def test_convnext_stays_convolutional_both_ways():
     res = rewrite(model, "conv", x)
     assert res.classification_before == res.classification_after == "convolutional"
     assert len(res.verification.sizes) == 2
+
+
+def test_second_size_is_shrunk_where_the_input_allows_it():
+    from mixfx.rewrite import second_sizes
+
+    assert second_sizes(torch.empty(1, 3, 224, 224)) == [(1, 3, 192, 160), (1, 3, 256, 288), (1, 3, 448, 448)]
+    assert second_sizes(torch.empty(1, 3, 32, 40))[0] == (1, 3, 64, 104)  # too small to shrink
+    res = rewrite(SmallConvNeXt().eval(), "conv", torch.randn(1, 3, 224, 224), analyze=False)
+    assert [s.input_shape for s in res.verification.sizes] == [(1, 3, 224, 224), (1, 3, 192, 160)]
+
+
+class _NeedsHeight(nn.Module):
+    """Rejects inputs lower than 200 pixels: the shrunk second size does not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallConvNeXt()
+
+    def forward(self, x):
+        torch._assert(x.shape[2] >= 200, "input too small")
+        return self.body(x)
+
+
+def test_second_size_falls_back_to_a_grown_one():
+    res = rewrite(_NeedsHeight().eval(), "conv", torch.randn(1, 3, 224, 224), analyze=False)
+    assert [s.input_shape for s in res.verification.sizes] == [(1, 3, 224, 224), (1, 3, 256, 288)]
+
+
+def test_shared_reference_outputs_run_the_original_once_per_input():
+    model = SmallConvNeXt().eval()
+    x = torch.randn(1, 3, 96, 128)
+    real_calls = []
+    model.register_forward_hook(lambda m, args, out: real_calls.append(args[0].shape)
+                                if args[0].device.type != "meta" else None)
+    alone = rewrite(model, "conv", x, analyze=False)
+    n_alone = len(real_calls)
+    shared: dict = {}
+    real_calls.clear()
+    first = rewrite(model, "conv", x, analyze=False, reference_outputs=shared)
+    assert len(real_calls) == n_alone and len(shared) == 2  # the example size and the second size
+    real_calls.clear()
+    second = rewrite(model, "linear", x, analyze=False, reference_outputs=shared)
+    assert len(real_calls) == n_alone - 2  # both reference outputs came from the dict
+    assert first.verification.to_dict() == alone.verification.to_dict()
+    assert second.verification.passed and [s.input_shape for s in second.verification.sizes] == \
+        [s.input_shape for s in first.verification.sizes]
