@@ -136,11 +136,12 @@ class _ViewFixer(torch.fx.Interpreter):
     """Runs the ancestors of `views` only; a view in `views` that fails on its input's strides
     becomes a `reshape` (same values, a copy where the strides do not allow a view)."""
 
-    def __init__(self, gm: GraphModule, views: set[Node]):
+    def __init__(self, gm: GraphModule, views: set[Node], memo: Any = None):
         super().__init__(gm)
         self.views = views
         self.need = ancestors(views)
         self.fixed: list[Node] = []
+        self.memo = memo  # a `mixfx.shape_memo.ShapeMemo` on meta tensors: repeated blocks run once
 
     def run(self, *inputs: Any) -> None:  # type: ignore[override]
         placeholders = iter(inputs)
@@ -154,7 +155,14 @@ class _ViewFixer(torch.fx.Interpreter):
 
     def run_node(self, n: Node) -> Any:
         if n not in self.views:
-            return super().run_node(n)
+            if self.memo is None:
+                return super().run_node(n)
+            key = self.memo.key(n, *self.fetch_args_kwargs_from_env(n))
+            out = self.memo.get(key)
+            if out is None:
+                out = super().run_node(n)
+                self.memo.put(key, out)
+            return out
         try:
             return super().run_node(n)
         except (RuntimeError, ValueError):
@@ -186,9 +194,11 @@ def reshape_where_view_fails(gm: GraphModule, changed: Iterable[Node],
         return []
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from mixfx.shape_memo import ShapeMemo
     from mixfx.shapes import meta_weights
 
     def on_meta(fixer: _ViewFixer) -> None:  # the kernels' strides, no compute, no weight copies
+        fixer.memo = ShapeMemo(gm)  # exact: a memoised output is the kernel's, strides included
         with meta_weights(gm):
             fixer.run(*[torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                         if isinstance(t, torch.Tensor) else t for t in inputs])
