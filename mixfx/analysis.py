@@ -727,7 +727,7 @@ def analyze(
     """Analyse `model` at `example_input` (or a random input of `input_shape`, default
     1x3x224x224). Works on models built on the meta device: no forward computation is done.
 
-    `symbolic_budget_s` caps the symbolic run (None: no cap); past it, the nodes not reached are
+    `symbolic_budget_s` caps the symbolic run in CPU-seconds (None: no cap); past it, the nodes not reached are
     judged from concrete runs only, and the report's notes say so.
 
     Raises `InputSpecError` if the model fails on its own example input and `TraceError` if it

@@ -161,14 +161,17 @@ def _save_folder(gm: torch.fx.GraphModule, target: Path, example_input: torch.Te
             os.replace(target, old)
         os.replace(tmp, target)
     except OSError as exc:
-        if old is not None and old.exists() and not target.exists():
-            os.replace(old, target)
         raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}.") from exc
     finally:
+        # whatever stopped us (a full disk, Ctrl-C between the two renames), the previous output is
+        # either replaced by the new one or put back where it was
+        if old is not None and old.exists():
+            if target.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, target)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 _CHECK = textwrap.dedent("""

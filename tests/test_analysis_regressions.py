@@ -187,3 +187,22 @@ def test_float32_rounding_is_rechecked_in_float64_and_real_errors_still_fail():
         wrong.weight[0, 0] += 1e-4 * linear.weight.abs().max()
     v = verify(linear, wrong, x, atol=0.0, rtol=0.0)
     assert not v.passed and v.float64_sizes and not v.float64_sizes[0].passed
+
+
+def test_symbolic_budget_counts_cpu_time_not_waiting():
+    """The budget is CPU time: a run that is only waiting (a busy machine, a parallel job) is
+    not cut short, so the report does not depend on the load."""
+    import time
+
+    import pytest
+
+    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+
+    with time_budget(0.2):
+        time.sleep(0.5)  # no CPU used: no stop
+    t0 = time.process_time()
+    with pytest.raises(SymbolicBudgetExceeded, match="CPU-second budget"):
+        with time_budget(0.2):
+            while time.process_time() - t0 < 5:
+                pass
+    assert time.process_time() - t0 < 1

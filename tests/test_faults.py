@@ -116,12 +116,8 @@ def test_pt_write_faults(workdir, monkeypatch, fault, code, where):
     (KeyboardInterrupt(), 130),
 ])
 @pytest.mark.parametrize("where", ["to_folder", "check", "first_replace", "second_replace"])
-def test_folder_write_faults(workdir, monkeypatch, fault, code, where, request):
+def test_folder_write_faults(workdir, monkeypatch, fault, code, where):
     """--format folder over an existing folder output: it is moved aside, then replaced."""
-    if where == "second_replace" and isinstance(fault, KeyboardInterrupt):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "mixfx/saving.py _save_folder restores the moved-aside previous output only on OSError; on "
-            "Ctrl-C between the two os.replace calls its `finally` deletes it (reported to the lead)")))
     if where == "to_folder":
         import torch.fx
 

@@ -29,7 +29,7 @@ def analyze(
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML picture of the graph to this file."),
     meta: Optional[bool] = typer.Option(None, "--meta/--no-meta", help="Build the model on the meta device (no weight memory). Default: on for timm:/torchvision: specs."),
     trust: bool = typer.Option(False, "--trust", help="Allow loading a pickled module from a .pt file (unpickling can run arbitrary code)."),
-    budget: float = typer.Option(5.0, "--symbolic-budget", help="Seconds allowed for the symbolic run; nodes it does not reach in time are judged from concrete runs (0: no limit).", min=0),
+    budget: float = typer.Option(5.0, "--symbolic-budget", help="CPU seconds allowed for the symbolic run; nodes it does not reach in time are judged from concrete runs (0: no limit).", min=0),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-paragraph errors."),
 ) -> None:
     """Is the model truly convolutional? Prints the verdict, where and why shape polymorphism
