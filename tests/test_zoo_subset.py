@@ -73,21 +73,28 @@ def test_vit_dynamic_img_size_is_polymorphic():
     assert not r.rigid_nodes
 
 
-@pytest.mark.xfail(strict=True, reason="mixfx's own symbolic and concrete runs disagree on ViT with "
-                   "dynamic_img_size=True: resample_abs_pos_embed is flagged rigid symbolically, yet the model "
-                   "runs at other sizes (report.disagreements is not empty)")
-def test_vit_dynamic_img_size_confirmed():
+def test_vit_dynamic_img_size_branch_is_explained():
+    """`resample_abs_pos_embed` returns early when the grid has the default size: symbolically that
+    pins H and W, but the model runs at other sizes. The report explains the branch instead of
+    listing it as an unexplained symbolic/concrete disagreement."""
     r = _analyse("vit_tiny_patch16_224", dynamic_img_size=True)
     assert not r.disagreements, r.disagreements
+    assert any("resample_abs_pos_embed" in n and "branches on" in n for n in r.notes), r.notes
+    assert r.constraints == ["H % 16 == 0", "W % 16 == 0"]
 
 
-@pytest.mark.skip(reason="timm swin/coatnet/maxvit: mixfx's analysis runs > 180 s (bench/results/zoo_summary.md, "
-                  "timeout); expected verdict: fixed (strict PatchEmbed assert and a window attention mask "
-                  "built for the default feature size)")
-@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "coatnet_nano_rw_224"])
-def test_windowed_attention_models_fixed(name):
+@pytest.mark.parametrize("name,rigid", [
+    # the strict PatchEmbed size assert, then the shifted-window attention mask built for 56x56
+    ("swin_tiny_patch4_window7_224", [("patch_embed", "assert", "guarded"),
+                                      ("layers.0.blocks.1.attn", ".view()", "structural")]),
+    # relative position bias tables sized for the default 14x14 and 7x7 grids
+    ("coatnet_nano_rw_224", [("stages.2.blocks.0.attn", "scaled_dot_product_attention", "structural"),
+                             ("stages.3.blocks.0.attn", "scaled_dot_product_attention", "structural")]),
+])
+def test_windowed_attention_models_fixed(name, rigid):
     r = _analyse(name)
     assert r.classification == "fixed"
+    assert _rigid(r) == rigid
 
 
 @pytest.mark.parametrize("name,to", [
