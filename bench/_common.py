@@ -53,13 +53,19 @@ def other_sizes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def other_size_candidates(shape: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
-    """For each of `other_sizes`, the same target size rounded to multiples of 32, 64 and 128
-    (distinct, H != W): a network that needs H % 64 == 0 is still shape-polymorphic, and the
-    ground truth must not call it fixed because 288 is not a multiple of 64."""
+    """Two other sizes (H != W), each with fallbacks: the first that runs counts. The first is the
+    size `mixfx.rewrite` verifies at (the example shrunk by 32 x 64 pixels, 192x160 for 224x224),
+    so the ground truth's forward there is also the verification's reference output; the second
+    is ~0.75H x 1.125W. The fallbacks round the same target to multiples of 64 and 128: a network
+    that needs H % 64 == 0 is still shape-polymorphic, and the ground truth must not call it
+    fixed because 160 is not a multiple of 64."""
+    from mixfx.rewrite import second_sizes
+
     b, c, h, w = shape[0], shape[1], shape[-2], shape[-1]
+    first = second_sizes(torch.empty(shape, device="meta"))[0]
     out = []
-    for fh, fw in ((1.25, 0.875), (0.75, 1.125)):
-        cands: list[tuple[int, ...]] = []
+    for fh, fw in ((first[-2] / h, first[-1] / w), (0.75, 1.125)):
+        cands: list[tuple[int, ...]] = [first] if len(out) == 0 else []
         for m in (32, 64, 128):
             hh, ww = max(m, m * round(fh * h / m)), max(m, m * round(fw * w / m))
             if hh == ww:

@@ -131,11 +131,30 @@ def compare_outputs(ref: Any, out: Any, atol: float, rtol: float) -> tuple[float
     return max_abs, rel, scale, max_abs <= atol + rtol * scale, None
 
 
+def reference_output(original: nn.Module, shape: Sequence[int], reference_outputs: dict,
+                     like: torch.Tensor | None = None, seed: int = SEED) -> Any:
+    """The original's output at the random input `verify` uses at `shape` (`random_input(shape,
+    like, seed)`), taken from `reference_outputs` or computed once and kept there; raises what
+    the original raises (kept too). A caller that runs the original itself (a concrete check at
+    some sizes) can go through this function and a later `verify` with the same dict reuses it."""
+    x = random_input(tuple(shape), like, seed)
+    key = (tuple(shape), x.dtype, str(x.device), seed)
+    if key not in reference_outputs:
+        try:
+            reference_outputs[key] = _run(original, x)
+        except Exception as exc:  # noqa: BLE001 - kept, so the next caller gets the same error
+            reference_outputs[key] = _OriginalFailed(exc)
+    out = reference_outputs[key]
+    if isinstance(out, _OriginalFailed):
+        raise out.error
+    return out
+
+
 @dataclass(frozen=True)
 class _OriginalFailed:
     """The original raised at this input (kept in `reference_outputs` like an output)."""
 
-    error: str
+    error: Exception
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> Any:
@@ -205,25 +224,18 @@ def _float64_checks(original: nn.Module, rewritten: nn.Module, example_input: to
 def _compare_at_sizes(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
                       extra_sizes: Sequence[Sequence[int]], seed: int, atol: float, rtol: float,
                       dtype: torch.dtype | None = None, reference_outputs: dict | None = None) -> list[SizeCheck]:
-    """One `SizeCheck` per shape (the example's, then `extra_sizes`), on the same seeded random
-    inputs (cast to `dtype` if given). The original's outputs are looked up in, and added to,
-    `reference_outputs` (keyed by the input's shape, dtype, device and seed)."""
+    """One `SizeCheck` per shape (the example's, then `extra_sizes`), on seeded random inputs
+    (cast to `dtype` if given). The original's outputs come from `reference_output`."""
     checks: list[SizeCheck] = []
     cache = reference_outputs if reference_outputs is not None else {}
+    like = example_input if dtype is None else example_input.to(dtype)
     for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
-        x = random_input(shape, example_input, seed + i)
-        if dtype is not None:
-            x = x.to(dtype)
-        key = (shape, x.dtype, str(x.device), seed + i)
-        if key not in cache:
-            try:
-                cache[key] = _run(original, x)
-            except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
-                cache[key] = _OriginalFailed(f"{type(exc).__name__}: {exc}")
-        ref = cache[key]
-        if isinstance(ref, _OriginalFailed):
+        x = random_input(shape, like, seed)
+        try:
+            ref = reference_output(original, shape, cache, like=like, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
             checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
-                                    f"the original model does not run at this size: {ref.error}"))
+                                    f"the original model does not run at this size: {type(exc).__name__}: {exc}"))
             continue
         try:
             out = _run(rewritten, x)

@@ -220,5 +220,15 @@ def test_shared_reference_outputs_run_the_original_once_per_input():
     second = rewrite(model, "linear", x, analyze=False, reference_outputs=shared)
     assert len(real_calls) == n_alone - 2  # both reference outputs came from the dict
     assert first.verification.to_dict() == alone.verification.to_dict()
+    # a caller's own forward through reference_output is the verification's reference too
+    from mixfx.verify import reference_output
+
+    mine: dict = {}
+    out = reference_output(model, x.shape, mine)
+    real_calls.clear()
+    again = rewrite(model, "conv", x, analyze=False, reference_outputs=mine)
+    assert len(real_calls) == n_alone - 1 and len(mine) == 2
+    assert again.verification.to_dict() == alone.verification.to_dict()
+    assert torch.equal(out, shared[next(iter(shared))])
     assert second.verification.passed and [s.input_shape for s in second.verification.sizes] == \
         [s.input_shape for s in first.verification.sizes]
