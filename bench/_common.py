@@ -64,8 +64,7 @@ def other_size_candidates(shape: tuple[int, ...]) -> list[list[tuple[int, ...]]]
     b, c, h, w = shape[0], shape[1], shape[-2], shape[-1]
     first = second_sizes(torch.empty(shape, device="meta"))[0]
     out = []
-    for fh, fw in ((first[-2] / h, first[-1] / w), (0.75, 1.125)):
-        cands: list[tuple[int, ...]] = [first] if len(out) == 0 else []
+    for (fh, fw), cands in (((first[-2] / h, first[-1] / w), [first]), ((0.75, 1.125), [])):
         for m in (32, 64, 128):
             hh, ww = max(m, m * round(fh * h / m)), max(m, m * round(fw * w / m))
             if hh == ww:

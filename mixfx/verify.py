@@ -137,8 +137,12 @@ def reference_output(original: nn.Module, shape: Sequence[int], reference_output
     like, seed)`), taken from `reference_outputs` or computed once and kept there; raises what
     the original raises (kept too). A caller that runs the original itself (a concrete check at
     some sizes) can go through this function and a later `verify` with the same dict reuses it."""
-    x = random_input(tuple(shape), like, seed)
-    key = (tuple(shape), x.dtype, str(x.device), seed)
+    return _reference_at(original, random_input(tuple(shape), like, seed), seed, reference_outputs)
+
+
+def _reference_at(original: nn.Module, x: torch.Tensor, seed: int, reference_outputs: dict) -> Any:
+    """`reference_output` for the input `x` already drawn with `seed`."""
+    key = (tuple(x.shape), x.dtype, str(x.device), seed)
     if key not in reference_outputs:
         try:
             reference_outputs[key] = _run(original, x)
@@ -232,7 +236,7 @@ def _compare_at_sizes(original: nn.Module, rewritten: nn.Module, example_input: 
     for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
         x = random_input(shape, like, seed)
         try:
-            ref = reference_output(original, shape, cache, like=like, seed=seed)
+            ref = _reference_at(original, x, seed, cache)
         except Exception as exc:  # noqa: BLE001 - the original itself does not take this size
             checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, i > 0,
                                     f"the original model does not run at this size: {type(exc).__name__}: {exc}"))

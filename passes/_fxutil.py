@@ -136,12 +136,12 @@ class _ViewFixer(torch.fx.Interpreter):
     """Runs the ancestors of `views` only; a view in `views` that fails on its input's strides
     becomes a `reshape` (same values, a copy where the strides do not allow a view)."""
 
-    def __init__(self, gm: GraphModule, views: set[Node], memo: Any = None):
+    def __init__(self, gm: GraphModule, views: set[Node]):
         super().__init__(gm)
         self.views = views
         self.need = ancestors(views)
         self.fixed: list[Node] = []
-        self.memo = memo  # a `mixfx.shape_memo.ShapeMemo` on meta tensors: repeated blocks run once
+        self.memo: Any = None  # a `mixfx.shape_memo.ShapeMemo` on meta tensors: repeated blocks run once
 
     def run(self, *inputs: Any) -> None:  # type: ignore[override]
         placeholders = iter(inputs)
@@ -157,12 +157,14 @@ class _ViewFixer(torch.fx.Interpreter):
         if n not in self.views:
             if self.memo is None:
                 return super().run_node(n)
-            key = self.memo.key(n, *self.fetch_args_kwargs_from_env(n))
-            out = self.memo.get(key)
-            if out is None:
-                out = super().run_node(n)
-                self.memo.put(key, out)
-            return out
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                key = self.memo.key(n, args, kwargs)
+                out = self.memo.get(key)
+                if out is None:
+                    out = getattr(self, n.op)(n.target, args, kwargs)
+                    self.memo.put(key, out)
+                return out
         try:
             return super().run_node(n)
         except (RuntimeError, ValueError):

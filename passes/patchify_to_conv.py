@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._fxutil import fresh_path, reshape_where_view_fails, views_note
+from passes._fxutil import fresh_path, propagate_shapes, reshape_where_view_fails, views_note
 from passes._patch_graph import (SPATIAL_NAMES, PatchChain, chain_into, copy_meta, evaluate, example_inputs,
                                  is_rearrange_op, is_unfold_op, remove_if_dead, replay,
                                  unfold_problem)
@@ -48,21 +48,17 @@ class PatchifyToConv(RewritePass):
         if not chains:
             return RewritePassResult(gm, False)
         inputs = example_inputs(gm, self.example_inputs)
-        # most Linears sit behind attention's `transpose.reshape`: their ranks (from a meta run)
-        # rule them out, so real values are computed only up to the chains that may cut patches
-        ranks = _ranks_on_meta(gm, inputs)
-        if ranks is not None:
-            chains = {n: c for n, c in chains.items() if _looks_like_patchify(gm, c, ranks)}
-            if not chains:
-                return RewritePassResult(gm, False)
+        # most Linears sit behind attention's `transpose.reshape`: their ranks (shapes from a meta
+        # run) rule them out, so real values are computed only up to the chains that may cut patches
+        ranks = {n: len(s) for n, s in propagate_shapes(gm, inputs).items()}
+        chains = {n: c for n, c in chains.items() if _looks_like_patchify(gm, c, ranks)}
+        if not chains:
+            return RewritePassResult(gm, False)
         values = evaluate(gm, [c.chain[-1] for c in chains.values()], inputs)
-        ranks = ranks or {n: v.dim() for n, v in values.items() if isinstance(v, torch.Tensor)}
         changes, skipped, notes = [], [], []
         outs: list[Node] = []  # the values now computed in another memory layout
         for node, chain in chains.items():
             x, weight, bias, module_path = _linear_parts(gm, node)
-            if not _looks_like_patchify(gm, chain, ranks):
-                continue
             try:
                 layout = self._layout(gm, chain, values)
             except NotPatchify as exc:
@@ -148,18 +144,6 @@ def _fetch(gm: GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _ranks_on_meta(gm: GraphModule, inputs: Sequence[Any]) -> dict[Node, int] | None:
-    """The rank of every tensor-valued node, from a run on meta tensors with mixfx's shape rules
-    (milliseconds); None where the graph cannot run on meta tensors."""
-    from mixfx.shapes import meta_tensor_shapes
-
-    try:
-        by_name = meta_tensor_shapes(gm, list(inputs))
-    except Exception:  # noqa: BLE001 - a data-dependent size, an op without a meta kernel
-        return None
-    return {n: len(by_name[n.name]) for n in gm.graph.nodes if n.name in by_name}
 
 
 def _looks_like_patchify(gm: GraphModule, chain: PatchChain, ranks: dict[Node, int]) -> bool:
