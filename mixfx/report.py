@@ -24,6 +24,7 @@ class NodeInfo:
     depends_on: list[str] = field(default_factory=list)  # input dims ("H", "W") the output depends on
     inputs: list[str] = field(default_factory=list)  # names of the nodes it reads
     detail: str | None = None  # reason, for rigid/global-mixing/unknown nodes
+    receptive_field: "ReceptiveField | None" = None  # in input pixels, for spatial nodes (issue 14)
 
 
 @dataclass
@@ -57,6 +58,32 @@ class GlobalMixing:
 
 
 @dataclass
+class GlobalContext:
+    """A summary pooled with fixed weights over all positions and broadcast back onto the map
+    (SE/ECA gate, CBAM channel gate, GroupNorm/InstanceNorm/LayerNorm statistics over H, W).
+    Not mixing: it keeps a network convolutional, but makes it non-tileable."""
+
+    node: str
+    module: str | None
+    op: str
+    reason: str
+
+
+@dataclass
+class ReceptiveField:
+    """Receptive field of one node's output in input pixels, one entry per spatial axis
+    (Araujo, Norris & Sim, Distill 2019, generalised to DAGs). `bounded` is False when the
+    extent grows with the input; `unbounded_at` then names the module where it does."""
+
+    size: list[int] | None
+    stride: list[int] | None
+    offset: list[float] | None
+    bounded: bool
+    unbounded_at: str | None = None
+    reason: str | None = None
+
+
+@dataclass
 class ConcreteCheck:
     """A forward on meta tensors at one concrete size (no compute)."""
 
@@ -84,6 +111,9 @@ class AnalysisReport:
     rigid_nodes: list[RigidNode] = field(default_factory=list)
     head: HeadInfo | None = None
     global_mixing: list[GlobalMixing] = field(default_factory=list)
+    global_context: list[GlobalContext] = field(default_factory=list)
+    receptive_field: ReceptiveField | None = None  # of the pre-head map (fully convolutional: the output)
+    tileable: bool = False  # bounded receptive field, no global context, no global mixing
     constraints: list[str] = field(default_factory=list)
     output_shape: list[str] = field(default_factory=list)  # first output
     outputs: list[list[str]] = field(default_factory=list)  # every tensor output
