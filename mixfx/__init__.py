@@ -5,22 +5,64 @@ Public API (documented in README.md):
 - `mixfx.trace(model, example_input=None, *, leaves=()) -> TraceResult`
 - `mixfx.rewrite(model, to="conv", example_input=None, passes=None) -> RewriteResult`
 - `mixfx.load_model(spec, ...) -> LoadedModel` (the CLI's model specs)
+
+The names are imported on first use (PEP 562 `__getattr__`), so that `import mixfx` and
+`mixfx --help` / `--version` do not import torch (about 3 s).
 """
 from __future__ import annotations
 
-from mixfx.analysis import analyze
-from mixfx.errors import MixfxError
-from mixfx.loading import LoadedModel, load_model
-from mixfx.report import AnalysisReport
-from mixfx.tracing import TraceResult, trace
-
-try:  # bind the function *after* importing the submodule, so `mixfx.rewrite` is the function
-    from mixfx.rewrite import RewriteResult, rewrite
-except ModuleNotFoundError as exc:  # pragma: no cover - only while the rewrite module is absent
-    if exc.name != "mixfx.rewrite":
-        raise
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError"]
+__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel",
+           "RewriteResult", "MixfxError", "__version__"]
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "analyze": "mixfx.analysis",
+    "trace": "mixfx.tracing",
+    "TraceResult": "mixfx.tracing",
+    "rewrite": "mixfx.rewrite",
+    "RewriteResult": "mixfx.rewrite",
+    "load_model": "mixfx.loading",
+    "LoadedModel": "mixfx.loading",
+    "AnalysisReport": "mixfx.report",
+    "MixfxError": "mixfx.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from mixfx.analysis import analyze
+    from mixfx.errors import MixfxError
+    from mixfx.loading import LoadedModel, load_model
+    from mixfx.report import AnalysisReport
+    from mixfx.rewrite import RewriteResult, rewrite
+    from mixfx.tracing import TraceResult, trace
 
 
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mixfx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`mixfx.rewrite` is the function, even though a submodule has the same name: importing the
+    submodule makes Python set the package attribute to the module, which is turned back into
+    the function here."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "rewrite" and isinstance(value, types.ModuleType) and hasattr(value, "rewrite"):
+            value = value.rewrite
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

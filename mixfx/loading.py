@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -54,14 +55,23 @@ class LoadedModel:
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
-    """'1x3x224x224' (or '1,3,224,224') -> (1, 3, 224, 224)."""
-    parts = text.lower().replace(",", "x").replace(" ", "").split("x")
+    """'1x3x224x224' (or '1,3,224,224') -> (1, 3, 224, 224). A usage error (exit 2) unless it is
+    at least batch x channels x one spatial size, all >= 1."""
+    example = "Write it as sizes joined by 'x': batch x channels x spatial sizes, e.g. --input 1x3x224x224."
+    parts = [p for p in text.lower().replace(",", "x").replace(" ", "").split("x")]
     try:
-        shape = tuple(int(p) for p in parts if p != "")
+        shape = tuple(int(p) for p in parts)
     except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"--input {text!r} is not a shape.", "Write it as sizes joined by 'x', e.g. --input 1x3x224x224.")
+        raise UsageError(f"--input {text!r} is not a shape.", example) from None
+    zero = [i for i, d in enumerate(shape) if d <= 0]
+    if zero:
+        which = ", ".join(f"size {i + 1} is {shape[i]}" for i in zero)
+        raise UsageError(f"--input {text!r} is not a shape: {which}; every size must be at least 1.", example)
+    if len(shape) < 3:
+        raise UsageError(
+            f"--input {text!r} has {len(shape)} size{'s' if len(shape) != 1 else ''}: mixfx needs batch x channels "
+            "x at least one spatial size (the sizes it varies).",
+            "For an image model write e.g. --input 1x3x224x224; a model without spatial dims cannot be analysed.")
     return shape
 
 
@@ -95,6 +105,9 @@ def load_model(
     elif spec.endswith((".pt", ".pth")):
         source_path = str(Path(spec).resolve())
         module, name = _load_pickle(spec, trust), Path(spec).stem
+        saved_shape = getattr(module, "MIXFX_INPUT_SHAPE", None)  # written by mixfx.saving
+        if saved_shape:
+            declared, declared_from = tuple(int(d) for d in saved_shape), "the shape saved with the module"
     elif spec.endswith(".py") or os.sep in spec or Path(spec).exists():
         source_path = str(Path(spec).resolve())
         module, declared, declared_from, name, declared_tensors = _load_file(spec, entry, build_ctx)
@@ -111,6 +124,7 @@ def load_model(
             "Point the spec (or --entry) at an nn.Module instance or a function that returns one.",
         )
     module.eval()
+    _check_single_input(module, spec, declared_tensors)
     shape = tuple(input_shape) if input_shape else (declared or DEFAULT_INPUT_SHAPE)
     input_from = "--input" if input_shape else declared_from
     device = "meta" if meta else "cpu"
@@ -124,6 +138,32 @@ def load_model(
     return LoadedModel(module, example, name, spec, source_path, input_from)
 
 
+def required_inputs(module: nn.Module) -> list[str]:
+    """The names of forward()'s positional arguments that have no default."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is p.empty]
+
+
+def _check_single_input(module: nn.Module, spec: str, declared: "_Declared | None") -> None:
+    """mixfx makes one example input; a forward that needs several (optical flow on two images,
+    an image and a mask) must get them from example_inputs()."""
+    names = required_inputs(module)
+    given = len(declared.tensors) if declared is not None else 1
+    if len(names) <= given:
+        return
+    args = ", ".join(names)
+    raise InputSpecError(
+        f"{type(module).__name__}.forward takes {len(names)} required inputs ({args}); mixfx makes only one "
+        f"example input from --input or the model's declared shape, so it cannot call {spec!r} as given.",
+        f"Write a model file with build_model() returning the model and example_inputs() returning a tuple of "
+        f"{len(names)} tensors ({args}): the first floating tensor of rank >= 3 is the analysed input (its H, W "
+        f"vary), the others are held at their example values. See README, Model specs.")
+
+
 def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, str]:
     lib, rest = spec.split(":", 1)
     name, _, query = rest.partition("?")
@@ -135,7 +175,14 @@ def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, 
     except ImportError as exc:
         raise ModelLoadError(f"{spec!r} needs the {lib} package, which is not installed ({exc}).",
                              f"Install it (pip install 'mixfx[timm]' brings timm and torchvision).") from exc
+    known = package.is_model(name) if lib == "timm" else name in package.models.list_models()
+    if not known:
+        raise ModelLoadError(f"{lib} has no model called {name!r}.",
+                             f"Check the name against {lib}'s model list "
+                             + ("(timm.list_models())." if lib == "timm" else "(torchvision.models.list_models())."))
     declared = None
+    if lib == "torchvision":
+        kwargs = {**no_weights_kwargs(package.models.get_model_builder(name)), **kwargs}
     try:
         with build_ctx:
             if lib == "timm":
@@ -144,11 +191,69 @@ def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, 
                 if cfg.get("input_size"):
                     declared = (1, *cfg["input_size"])
             else:
-                model = package.models.get_model(name, weights=None, **kwargs)
+                model = package.models.get_model(name, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{lib} could not build {name!r}: {type(exc).__name__}: {exc}.",
-                             f"Check the name against {lib}'s model list.") from exc
+        raise ModelLoadError(*_explain_build_failure(lib, name, kwargs, exc)) from exc
     return model, declared, name
+
+
+def no_weights_kwargs(builder) -> dict[str, Any]:
+    """Keyword arguments that keep a torchvision builder from downloading anything: every
+    `weights`, `weights_*` / `*_weights` argument (the backbone's of a detection or segmentation
+    model) None, every `pretrained*` one False."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return {"weights": None}
+    out: dict[str, Any] = {}
+    for p in params:
+        if p == "weights" or p.startswith("weights_") or p.endswith("_weights"):
+            out[p] = None
+        elif p.startswith("pretrained"):
+            out[p] = False
+    return out or {"weights": None}
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _explain_build_failure(lib: str, name: str, kwargs: dict, exc: BaseException) -> tuple[str, str]:
+    """Message + hint naming the real cause: a download attempt, an unknown keyword argument, or
+    whatever the builder raised."""
+    import urllib.error
+
+    chain = _exception_chain(exc)
+    download = next((e for e in chain if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError))
+                     or type(e).__module__.startswith(("requests", "urllib3", "huggingface_hub"))), None)
+    if download is not None:
+        asked = [k for k, v in kwargs.items() if ("weights" in k or k.startswith("pretrained")) and v not in (None, False)]
+        hint = (f"Drop {', '.join('?' + k for k in asked)} to build it with random weights (mixfx needs no trained "
+                "weights)." if asked else
+                "mixfx builds models with random weights, yet an argument still asks for pretrained ones: set it "
+                f"after '?' ({lib}:{name}?ARG=None), or build the model in a .py file.")
+        return (f"{lib} tried to download weights while building {name!r} and failed: "
+                f"{type(download).__name__}: {download}.", hint)
+    text = str(exc)
+    match = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if isinstance(exc, TypeError) and match:
+        bad = match.group(1)
+        given = f" (given as ?{bad}=...)" if bad in kwargs else ""
+        return (f"{lib} does not accept the keyword argument {bad!r} for {name!r}{given}: {type(exc).__name__}: {text}.",
+                "Check its spelling against the model's constructor; the arguments after '?' are passed to "
+                + ("timm.create_model(NAME, ...)." if lib == "timm" else "torchvision.models.get_model(NAME, ...)."))
+    return (f"{lib} could not build {name!r}{' with ' + _kwargs_text(kwargs) if kwargs else ''}: "
+            f"{type(exc).__name__}: {text}.",
+            "Run with --debug for the traceback.")
+
+
+def _kwargs_text(kwargs: dict) -> str:
+    return "&".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def _parse_kwarg(kv: str) -> tuple[str, Any]:

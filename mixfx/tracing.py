@@ -13,6 +13,7 @@ against the eager model on meta tensors and rejected when they disagree.
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import re
 import traceback
@@ -119,45 +120,66 @@ def fx_trace(
 
 
 def _explain_trace_failure(exc: BaseException, model: nn.Module) -> tuple[str, str]:
-    """Message + hint: the user's source line that failed and which module to make a leaf."""
+    """Message + hint: the user's source line that failed, and what to do about it: the submodule
+    to make a leaf (one that contains the failing line, never the root: the root cannot be a
+    leaf), or, when the line is in the root's own forward, how to write it traceably."""
     frames = traceback.extract_tb(exc.__traceback__)
     torch_dir = torch.__file__.rsplit("/", 1)[0]
     user = [f for f in frames if not f.filename.startswith(torch_dir) and "mixfx/" not in f.filename]
-    where, leaf = "", None
+    where, leaf, in_root = "", None, False
     if user:
         f = user[-1]
         line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
         where = f" at {f.filename}:{f.lineno} (`{line}`) in {f.name}()"
-        leaf = _module_class_defined_at(model, f.filename, f.lineno)
+        # innermost first: the closest submodule whose class holds a frame of the failing call
+        for frame in reversed(user):
+            owners = _modules_defined_at(model, frame.filename, frame.lineno)
+            leaf = next((cls for path, cls in owners if path), None)
+            if leaf is not None:
+                break
+            in_root = in_root or any(not path for path, _ in owners)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    message = f"torch.fx could not trace {type(model).__name__}{where}: {first}."
-    if "control flow" in first or "iterate" in first or "bool" in first.lower():
+    root = type(model).__name__
+    message = f"torch.fx could not trace {root}{where}: {first}."
+    control_flow = "control flow" in first or "iterate" in first or "bool" in first.lower()
+    if control_flow:
         hint = "Python control flow on tensor values or shapes cannot be traced symbolically."
     else:
         hint = "This code cannot be traced symbolically."
-    hint += (f" Try `--leaf {leaf}` to treat that module as one opaque node" if leaf else
-             " Try `--leaf ClassName` for the module that contains it")
-    hint += ", or wrap the function with torch.fx.wrap."
+    if leaf:
+        hint += f" Try `--leaf {leaf}` to treat that submodule as one opaque node, or wrap the function with torch.fx.wrap."
+    elif in_root:
+        hint += (f" The line is in {root}.forward itself (the top-level module), so there is no submodule to pass "
+                 "to --leaf: write the branch without Python control flow on tensor values (torch.where(cond, a, b) "
+                 "computes both sides), or move it into a submodule and pass that submodule's class with --leaf.")
+    else:
+        hint += (" Wrap the function that contains it with torch.fx.wrap, or pass the submodule that calls it "
+                 "with --leaf ClassName.")
     return message, hint
 
 
-def _module_class_defined_at(model: nn.Module, filename: str, lineno: int) -> str | None:
-    """The nn.Module subclass (in `model`) whose source contains filename:lineno, if any."""
+def _modules_defined_at(model: nn.Module, filename: str, lineno: int) -> list[tuple[str, str]]:
+    """(path, class name) of the modules in `model` whose class source contains filename:lineno
+    ("" is the root)."""
     import inspect
 
-    best = None
+    holds: dict[type, bool] = {}
+    out = []
     # each class once, and only those defined in that file (getsourcelines re-parses the file:
     # 14 ms a call, 13 s over the 950 modules of a Gemma4 ViT)
-    for cls in dict.fromkeys(type(m) for m in model.modules()):
-        try:
-            if inspect.getsourcefile(cls) != filename:
-                continue
-            lines, start = inspect.getsourcelines(cls)
-        except (OSError, TypeError):
-            continue
-        if start <= lineno < start + len(lines):
-            best = cls.__name__
-    return best
+    for path, m in model.named_modules():
+        cls = type(m)
+        if cls not in holds:
+            holds[cls] = False
+            try:
+                if inspect.getsourcefile(cls) == filename:
+                    lines, start = inspect.getsourcelines(cls)
+                    holds[cls] = start <= lineno < start + len(lines)
+            except (OSError, TypeError):
+                pass
+        if holds[cls]:
+            out.append((path, cls.__name__))
+    return out
 
 
 def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
@@ -166,7 +188,8 @@ def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
 
     dims = {d: Dim.AUTO for d in range(2, example_input.dim())}
     try:
-        program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+        with quiet_torch():
+            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TraceError(
@@ -174,6 +197,27 @@ def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.Grap
             "Run with --debug for the full trace; marking the failing module with --leaf may help.",
         ) from exc
     return program.module()
+
+
+@contextlib.contextmanager
+def quiet_torch():
+    """Silence torch's loggers (export logs whole aten graphs when a trace fails; symbolic_shapes
+    warns about internals) and anything written to stderr while inside: the failure reaches the
+    user as one TraceError paragraph instead. `--debug` still shows the traceback."""
+    import io
+    import logging
+
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    saved = [(lg, lg.disabled) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, disabled in saved:
+            lg.disabled = disabled
 
 
 def _graph_agrees_with_eager(gm: torch.fx.GraphModule, model: nn.Module,

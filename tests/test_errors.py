@@ -123,7 +123,7 @@ def test_E15_import_spec_attr_missing():
 
 def test_E16_unknown_timm_model():
     pytest.importorskip("timm")
-    run("analyze", "timm:no_such_net_xyz", code=3, needles=("timm could not build 'no_such_net_xyz'",))
+    run("analyze", "timm:no_such_net_xyz", code=3, needles=("timm has no model called 'no_such_net_xyz'", "model list"))
 
 
 # ------------------------------------------------------------------------------- E17-E22: .pt files
@@ -225,8 +225,8 @@ def test_E31_wrong_channel_count(tmp_path):
 
 
 def test_E32_rank2_input(tmp_path):
-    p = write(tmp_path, "m.py", "import torch.nn as nn\nmodel = nn.Linear(3, 3)\n")
-    run("analyze", p, "--input", "4x3", code=3, needles=("non-image input: no spatial dims", "[4, 3]", "rank 2"))
+    p = write(tmp_path, "m.py", "import torch.nn as nn\nmodel = nn.Linear(3, 3)\nINPUT_SHAPE = (4, 3)\n")
+    run("analyze", p, code=3, needles=("non-image input: no spatial dims", "[4, 3]", "rank 2"))
 
 
 def test_E33_sequence_model_token_ids(tmp_path):

@@ -1,18 +1,19 @@
-"""Command-line interface: `mixfx analyze` and `mixfx rewrite` (see `mixfx --help`)."""
+"""Command-line interface: `mixfx analyze` and `mixfx rewrite` (see `mixfx --help`).
+
+A new command is a module here that registers itself on `app` and imports torch-heavy code
+inside its function (so that `mixfx --help` stays fast), plus one line in COMMAND_MODULES.
+"""
 from __future__ import annotations
+
+import importlib
 
 from mixfx.cli.app import app
 
 # Importing the command modules registers their commands on `app`.
-from mixfx.cli import analyze as _analyze  # noqa: F401,E402
+COMMAND_MODULES = ("mixfx.cli.analyze", "mixfx.cli.rewrite")
 
-import importlib  # noqa: E402
-
-try:  # the rewrite command lands with the rewrite passes
-    importlib.import_module("mixfx.cli.rewrite")
-except ModuleNotFoundError as exc:  # pragma: no cover - only while it does not exist yet
-    if exc.name != "mixfx.cli.rewrite":
-        raise
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name)
 
 
 def main() -> None:

@@ -1,0 +1,4 @@
+"""`python -m mixfx ...` is `mixfx ...`."""
+from mixfx.cli import main
+
+main()

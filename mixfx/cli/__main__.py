@@ -1,0 +1,4 @@
+"""`python -m mixfx.cli ...` is `mixfx ...`."""
+from mixfx.cli import main
+
+main()
