@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mixfx import progress
 from mixfx.errors import InputSpecError, ModelLoadError, UsageError
 
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
@@ -183,6 +184,7 @@ def _load_hub(spec: str, build_ctx) -> tuple[nn.Module, tuple[int, ...] | None, 
     declared = None
     if lib == "torchvision":
         kwargs = {**no_weights_kwargs(package.models.get_model_builder(name)), **kwargs}
+    progress.stage(f"building {lib}:{name}")
     try:
         with build_ctx:
             if lib == "timm":

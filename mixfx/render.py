@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console, Group
+from rich.padding import Padding
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -41,20 +42,20 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
             style = STATUS_STYLE["rigid" if r.kind == "structural" else "guarded"]
             console.print(Text.assemble(f" {i}. ", (r.module or r.node, style), f"  {r.op}, {r.kind}",
                                         (f"  (node {r.node}{', found by a concrete run' if r.source == 'concrete' else ''})", "dim")))
-            console.print(f"    {r.reason}", highlight=False)
+            # wrapped lines keep the indent (a plain string would wrap to column 0)
+            console.print(Padding(Text(r.reason), (0, 0, 0, 4), expand=False), highlight=False)
             if r.cure:
-                console.print(f"    [dim]cure:[/] {r.cure}", highlight=False)
+                console.print(Padding(Text.assemble(("cure: ", "dim"), r.cure), (0, 0, 0, 4), expand=False), highlight=False)
     if report.global_mixing:
-        t = Table(title="Global mixing (not local, so not convolutional)", title_justify="left")
-        for col in ("modules", "op", "reason"):
-            t.add_column(col, overflow="fold")
+        console.print(Text("Global mixing (not local, so not convolutional)", style="bold"))
         groups: dict[tuple[str, str], list[str]] = {}
         for m in report.global_mixing:
             groups.setdefault((m.op, m.reason), []).append(m.module or m.node)
         for (op, reason), mods in groups.items():
-            shown = ", ".join(mods[:2]) + (f", ... ({len(mods)} nodes)" if len(mods) > 2 else "")
-            t.add_row(shown, op, reason)
-        console.print(t)
+            shown = ", ".join(_name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
+            console.print(Padding(Text.assemble((shown, STATUS_STYLE["global_mixing"]), f"  {op}"), (0, 0, 0, 1),
+                                  expand=False), highlight=False)
+            console.print(Padding(Text(reason), (0, 0, 0, 4), expand=False), highlight=False)
     for d in report.disagreements:
         console.print(f"[bold magenta]disagreement:[/] {d}")
     for n in report.notes:
@@ -71,6 +72,17 @@ def render_nodes(report: AnalysisReport, console: Console) -> None:
         style = STATUS_STYLE.get(n.status, "")
         t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style))
     console.print(t)
+
+
+def _name_patterns(names: list[str]) -> list[str]:
+    """Module paths with their numbers as `*`, each pattern once (blocks.*.attn for 12 blocks);
+    a pattern matched by one name only is that name."""
+    import re
+
+    by_pattern: dict[str, list[str]] = {}
+    for n in names:
+        by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
+    return [group[0] if len(group) == 1 else pattern for pattern, group in by_pattern.items()]
 
 
 LONG_CONSTRAINT = 160

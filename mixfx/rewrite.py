@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from mixfx import progress
 from mixfx.errors import EXIT_VERIFY, MixfxError, UsageError, VerificationError
 from mixfx.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, random_input, verify
 from passes import Change, RewritePass, RewritePassResult, Skip, passes_for
@@ -188,6 +189,7 @@ def rewrite(
     was_training = model.training
     model.eval()
     try:
+        progress.stage("analysing the original")
         report_before = _analyse(model, example_input, leaves) if analyze else None
         timings["analyse_before_s"] = time.perf_counter() - t_start
 
@@ -201,6 +203,7 @@ def rewrite(
         notes: list[str] = []
         t0 = time.perf_counter()
         for p in pipeline:
+            progress.stage(f"rewrite pass {getattr(p, 'name', type(p).__name__)}")
             try:
                 result = p(gm)
             except MixfxError:
@@ -234,13 +237,15 @@ def rewrite(
         if verification.float64_sizes:
             notes.append("verification: " + verification.summary().split("; ", 1)[-1]
                          + " (float32 rounding in this network exceeds the float32 tolerance on its own)")
-        if verification.degenerate:
-            notes.append("verification proves nothing here: the original's outputs are identically zero on random "
-                         "inputs (a zero-initialised head?); verify the rewrite with trained weights")
+        if verification.randomised:
+            notes.append(f"verification: the original's outputs are identically zero on random inputs (zero-initialised "
+                         f"parameters), so it compared copies with those {len(verification.randomised)} parameter(s) "
+                         "drawn at random, the same values in both")
 
         t0 = time.perf_counter()
         report_after = None
         if analyze and verification.passed:
+            progress.stage("analysing the rewritten model")
             report_after = _analyse(gm, example_input, ())
         timings["analyse_after_s"] = time.perf_counter() - t0
     finally:
@@ -259,8 +264,10 @@ def rewrite(
             where = f" at input {'x'.join(map(str, bad.input_shape))}"
             where += f": {bad.error}" if bad.error else (
                 f": max abs err {bad.max_abs_err:.3g} > {atol:g} + {rtol:g} * {bad.ref_scale:.3g}")
+        what = (f"could not be proven equivalent to the original: {verification.unproven}" if verification.unproven
+                else f"is not equivalent to the original{where}")
         exc = VerificationError(
-            f"the rewritten {type(model).__name__} is not equivalent to the original{where}. Nothing was written.",
+            f"the rewritten {type(model).__name__} {what}. Nothing was written.",
             "Run with --only to narrow down which pass is responsible, and report the model if it is a mixfx bug.")
         exc.result = out  # type: ignore[attr-defined]
         raise exc

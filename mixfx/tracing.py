@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from mixfx import progress
 from mixfx.errors import TraceError
 
 Leaf = str | type
@@ -278,6 +279,7 @@ def trace(
     # with forward()'s optional arguments fixed to their default None (timm's Hiera)
     for concrete in ([None, optional] if optional else [None]):
         label = "fx" if concrete is None else f"fx with {', '.join(concrete)}=None"
+        progress.stage(f"tracing with torch.{label}")
         try:
             gm = fx_trace(model, leaves=leaves, autowrap=autowrap, concrete_args=concrete)
         except TraceError as exc:
@@ -298,6 +300,7 @@ def trace(
                          "Try --leaf for the module involved.")
     if example_input.is_meta and not any(p.is_meta for p in model.parameters()):
         example_input = torch.zeros(example_input.shape, dtype=example_input.dtype)  # export runs the model
+    progress.stage("tracing with torch.export (torch.fx could not)")
     try:
         gm = export_trace(model, example_input)
     except TraceError as exc:

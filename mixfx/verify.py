@@ -15,6 +15,14 @@ order of the outputs themselves, far above this tolerance.
 Where float32 misses the tolerance without a structural error, the comparison is repeated on
 float64 copies with rtol 1e-9 (`float64_sizes`): some randomly initialised networks amplify
 float32 rounding past any fixed tolerance even against themselves.
+
+A comparison of outputs that are identically zero proves nothing (timm zero-initialises the
+classifier of Mixer, ResMLP, ...: every rewrite "passes"). Then the check is made again on
+copies of both models in which every all-zero parameter of the original is drawn at random, with
+the same values in the rewritten copy (matched by name, the same numbers in the same flat order,
+so a Linear [out, in] and its 1x1 conv [out, in, 1, 1] agree); `randomised` names them. A check
+that stays degenerate, or whose zero parameters have no counterpart in the rewritten model, is
+never `passed`.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+
+from mixfx import progress
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -56,6 +66,11 @@ class Verification:
     seed: int = SEED
     # float32 failed on rounding alone: the same comparison in float64 (see `verify`)
     float64_sizes: list[SizeCheck] = field(default_factory=list)
+    # the original's outputs were identically zero: these all-zero parameters were drawn at
+    # random (same values in both copies) and `sizes` are the comparison on those copies
+    randomised: list[str] = field(default_factory=list)
+    # why the check could not prove anything (then `passed` is False)
+    unproven: str | None = None
 
     @property
     def degenerate(self) -> bool:
@@ -68,13 +83,20 @@ class Verification:
         return {"passed": self.passed, "degenerate": self.degenerate, "max_abs_err": self.max_abs_err,
                 "max_rel_err": self.max_rel_err, "tolerance": dict(self.tolerance), "seed": self.seed,
                 "sizes": [s.to_dict() for s in self.sizes],
-                "float64_sizes": [s.to_dict() for s in self.float64_sizes]}
+                "float64_sizes": [s.to_dict() for s in self.float64_sizes],
+                "randomised": list(self.randomised), "unproven": self.unproven}
 
     def summary(self) -> str:
         shapes = ", ".join("x".join(map(str, s.input_shape)) for s in self.sizes)
         verdict = "passed" if self.passed else "FAILED"
         text = (f"{verdict} at {shapes}: max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
                 f"(tolerance atol={self.tolerance['atol']:g} + rtol={self.tolerance['rtol']:g} * max|ref|)")
+        if self.randomised:
+            text += (f"; the original's outputs are identically zero, so this comparison was made with its "
+                     f"{len(self.randomised)} all-zero parameter(s) drawn at random in both models "
+                     f"({', '.join(self.randomised[:3])}{', ...' if len(self.randomised) > 3 else ''})")
+        if self.unproven:
+            text += f"; not proven: {self.unproven}"
         if self.float64_sizes:
             rel = max(c.max_rel_err for c in self.float64_sizes)
             text += (f"; float32 missed the tolerance, so the check was repeated in float64: max rel err {rel:.3g} "
@@ -176,6 +198,7 @@ def verify(
     rtol: float = DEFAULT_RTOL,
     seed: int = SEED,
     reference_outputs: dict | None = None,
+    _randomise: bool = True,
 ) -> Verification:
     """Compare `rewritten` against `original` on random inputs shaped like `example_input` and
     like each of `extra_sizes` (full input shapes). Never raises for a mismatch: see `.passed`.
@@ -200,6 +223,54 @@ def verify(
     if not passed and example_input.dtype == torch.float32 and all(c.error is None for c in checks):
         result.float64_sizes = _float64_checks(original, rewritten, example_input, extra_sizes, seed)
         result.passed = bool(result.float64_sizes) and all(c.passed for c in result.float64_sizes)
+    if result.passed and result.degenerate and _randomise:
+        return _verify_with_zero_parameters_drawn(original, rewritten, example_input, extra_sizes, atol, rtol, seed)
+    if result.degenerate:
+        result.passed = False
+        result.unproven = result.unproven or "the outputs are identically zero, so the comparison cannot detect a wrong rewrite"
+    return result
+
+
+def zero_parameters(model: nn.Module) -> list[str]:
+    """Names of the floating parameters that are all zeros (zero-initialised heads, biases)."""
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and p.numel() and not bool(p.detach().any())]
+
+
+def _verify_with_zero_parameters_drawn(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
+                                       extra_sizes: Sequence[Sequence[int]], atol: float, rtol: float,
+                                       seed: int) -> Verification:
+    """The original's outputs are all zeros: compare copies in which the original's all-zero
+    parameters hold the same random values in both models (see the module docstring)."""
+    import copy
+
+    def unproven(reason: str) -> Verification:
+        return Verification(False, 0.0, 0.0, {"atol": atol, "rtol": rtol}, [], seed, unproven=reason)
+
+    names = zero_parameters(original)
+    if not names:
+        return unproven("the outputs are identically zero and no parameter is all zeros: there is nothing to "
+                        "draw at random for a check that could fail")
+    new_params = dict(rewritten.named_parameters())
+    missing = [n for n in names if n not in new_params or new_params[n].numel() != original.get_parameter(n).numel()]
+    if missing:
+        return unproven(f"the outputs are identically zero, and the all-zero parameter(s) {', '.join(missing[:3])} "
+                        "have no counterpart of the same size in the rewritten model to draw the same values in")
+    try:
+        ref_model, new_model = copy.deepcopy(original), copy.deepcopy(rewritten)
+    except Exception as exc:  # noqa: BLE001
+        return unproven(f"the outputs are identically zero and the models cannot be copied to draw parameters "
+                        f"at random ({type(exc).__name__})")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in names:
+            p_ref, p_new = ref_model.get_parameter(name), new_model.get_parameter(name)
+            fan_in = p_ref.numel() // p_ref.shape[0] if p_ref.dim() >= 2 else 1
+            values = torch.randn(p_ref.numel(), generator=gen, dtype=torch.float64) / fan_in ** 0.5
+            p_ref.copy_(values.view(p_ref.shape).to(p_ref.dtype))
+            p_new.copy_(values.view(p_new.shape).to(p_new.dtype))
+    result = verify(ref_model, new_model, example_input, extra_sizes=extra_sizes, atol=atol, rtol=rtol, seed=seed,
+                    _randomise=False)
+    result.randomised = names
     return result
 
 
@@ -234,6 +305,7 @@ def _compare_at_sizes(original: nn.Module, rewritten: nn.Module, example_input: 
     cache = reference_outputs if reference_outputs is not None else {}
     like = example_input if dtype is None else example_input.to(dtype)
     for i, shape in enumerate([tuple(example_input.shape)] + [tuple(s) for s in extra_sizes]):
+        progress.stage(f"verifying at {'x'.join(map(str, shape))}" + (" (float64)" if dtype == torch.float64 else ""))
         x = random_input(shape, like, seed)
         try:
             ref = _reference_at(original, x, seed, cache)

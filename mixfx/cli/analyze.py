@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from mixfx.cli.app import (DEBUG_HELP, INPUT_HELP, LEAF_HELP, SPEC_HELP, TRUST_HELP, app, console, handle_errors,
-                           show_progress)
+from mixfx.cli.app import (DEBUG_HELP, INPUT_HELP, LEAF_HELP, SPEC_HELP, TRUST_HELP, MixfxCommand, app, console,
+                           handle_errors, show_progress)
 from mixfx.errors import EXIT_CHECK_FAILED, UsageError
 
 CLASSES = ("convolutional", "polymorphic", "fixed", "fully-convolutional")
 
 
-@app.command(help="Is the model truly convolutional? Prints the verdict, where and why shape "
+@app.command(cls=MixfxCommand, help="Is the model truly convolutional? Prints the verdict, where and why shape "
              "polymorphism breaks, the head, the input constraints and the output-size formula.\n\n"
              "Exit codes: 0 done, 1 --check failed, 2 usage error, 3 model could not be loaded, traced or "
              "analysed, 141 output pipe closed early.")

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from typer.core import TyperArgument, TyperCommand
+
 from mixfx import __version__, progress
 from mixfx.errors import EXIT_INTERRUPTED, MixfxError
 
@@ -53,6 +55,20 @@ TRUST_HELP = "Allow loading a pickled module from a .pt file (unpickling can run
 DEBUG_HELP = "Show full tracebacks instead of one-paragraph errors."
 
 F = TypeVar("F", bound=Callable)
+
+
+class MixfxCommand(TyperCommand):
+    """A command whose arguments read as in the README: `Usage: mixfx analyze [OPTIONS] SPEC` and
+    `SPEC  The model: ...` (typer writes `{spec}` and `SPEC <str>`). Pass as `cls=` to
+    `app.command`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                name = param.metavar or (param.name or "ARG").upper()
+                param._usage_display_name = (lambda name=name, p=param: name if p.required else f"[{name}]")
+                param.display_type_rich = lambda ctx: None
 
 
 def handle_errors(fn: F) -> F:

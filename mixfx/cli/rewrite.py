@@ -1,106 +1,202 @@
-"""`mixfx rewrite SPEC --to conv|linear`: rewrite, verify, analyse before/after, optionally save."""
+"""`mixfx rewrite SPEC --to TARGET`: rewrite, verify, analyse before/after, optionally save.
+
+The targets come from `mixfx.rewrite.TARGETS`; a new target needs one line in TARGET_HELP for
+its description in `--help` (a target without one is listed by name)."""
 from __future__ import annotations
 
-import inspect
 import json
-from typing import Optional
+import re
+import textwrap
+from typing import Any, Optional
 
 import typer
-from rich.table import Table
 
-from mixfx.cli.app import app, console, handle_errors
-from mixfx.errors import UsageError, VerificationError
-from mixfx.loading import load_model
-from mixfx.rewrite import TARGETS, RewriteResult, rewrite as run_rewrite
-from mixfx.saving import FORMATS, save_module
+from mixfx.cli.app import (DEBUG_HELP, INPUT_HELP, LEAF_HELP, SPEC_HELP, TRUST_HELP, MixfxCommand, app, console,
+                           handle_errors, show_progress)
+from mixfx.errors import UsageError
 
-MAX_ROWS = 40  # longer change lists are summarised (the JSON output has them all)
+TARGET_HELP = {
+    "conv": "every Linear becomes a 1x1 conv, a patchify (reshape + Linear) a strided conv",
+    "linear": "every 1x1 conv becomes a Linear, a strided patch conv a patchify + Linear",
+}
+FORMATS_HELP = ("pt: the torch.save'd GraphModule (load it with torch.load(path, weights_only=False)); "
+                "folder: readable module.py + state_dict.pt, importable as a package (README, Saved outputs).")
 
 
-@app.command()
+def targets() -> tuple[str, ...]:
+    from mixfx.rewrite import TARGETS  # imports torch: only when a rewrite or its --help runs
+
+    return tuple(TARGETS)
+
+
+def to_help() -> str:
+    return "Rewrite target, one of: " + "; ".join(
+        f"{t}: {TARGET_HELP[t]}" if t in TARGET_HELP else t for t in targets()) + "."
+
+
+class RewriteCommand(MixfxCommand):
+    """Fills in `--to`'s choices from mixfx.rewrite.TARGETS when the help is shown (importing
+    torch then, not when `mixfx --help` runs)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for param in self.params:
+            if param.name == "to":
+                param.help = to_help()
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=RewriteCommand,
+             help="Rewrite Linear <-> 1x1 conv and patchify <-> strided conv (plus layout clean-up), verify the "
+             "numerics against the original, and report the verdict before and after. A model with nothing to "
+             "rewrite says so and writes nothing (exit 0).\n\n"
+             "Exit codes: 0 done, 2 usage error, 3 model could not be loaded or traced, 4 the rewrite could not be "
+             "proven equivalent (nothing written), 5 the output could not be written, 141 output pipe closed early.")
 @handle_errors
 def rewrite(
-    spec: str = typer.Argument(..., help="The model: path/to/model.py, model.pt, package.module:attr, timm:NAME or torchvision:NAME."),
-    to: str = typer.Option(..., "--to", help="conv: every Linear becomes a 1x1 conv; linear: every 1x1 conv becomes a Linear."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the rewritten GraphModule here (nothing is written without it)."),
-    format: str = typer.Option("pt", "--format", help="pt: torch.save'd GraphModule; folder: readable source + weights (GraphModule.to_folder)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Run only the passes whose name or group matches (glob): dense, patchify, layout, linear_to_conv, ..."),
-    input: Optional[str] = typer.Option(None, "--input", "-i", help="Example input shape, e.g. 1x3x224x224 (overrides what the model declares)."),
-    entry: Optional[str] = typer.Option(None, "--entry", help="Name of the factory or instance in a .py file."),
-    leaf: list[str] = typer.Option([], "--leaf", help="Module class name or path to treat as one opaque node when tracing (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
-    trust: bool = typer.Option(False, "--trust", help="Allow loading a pickled module from a .pt file (unpickling can run arbitrary code)."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-paragraph errors."),
+    spec: str = typer.Argument(..., metavar="SPEC", help=SPEC_HELP, show_default=False),
+    to: str = typer.Option(..., "--to", metavar="TARGET", help="Rewrite target: conv, linear, ... (see mixfx rewrite --help)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PATH", help="Write the rewritten GraphModule here (nothing is written without it)."),
+    format: str = typer.Option("pt", "--format", metavar="FORMAT", help=FORMATS_HELP),
+    only: Optional[str] = typer.Option(None, "--only", metavar="PATTERN", help="Run only the passes whose name or group matches (glob): dense, patchify, layout, linear_to_conv, ..."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", metavar="SHAPE", help=INPUT_HELP),
+    entry: Optional[str] = typer.Option(None, "--entry", metavar="NAME", help="Name of the factory or instance in a .py file."),
+    leaf: list[str] = typer.Option([], "--leaf", metavar="NAME", help=LEAF_HELP, show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of text."),
+    trust: bool = typer.Option(False, "--trust", help=TRUST_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
-    """Rewrite Linear <-> 1x1 conv (plus layout clean-up), verify the numerics, and report the
-    verdict before and after. Exit codes: 0 done, 2 usage error, 3 model could not be loaded or
-    traced, 4 the rewrite could not be verified (nothing written), 5 the output could not be written."""
-    if to not in TARGETS:
-        raise UsageError(f"--to {to!r} is not a rewrite target.", "Use --to conv or --to linear.")
+    from mixfx.saving import FORMATS
+
+    known = targets()
+    if to not in known:
+        raise UsageError(f"--to {to!r} is not a rewrite target.", f"Use one of: {', '.join(known)}.")
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not an output format.", "Use --format pt or --format folder.")
-    kwargs = {"entry": entry, "input_shape": input, "trust": trust}
-    if "leaves" in inspect.signature(load_model).parameters:
-        kwargs["leaves"] = tuple(leaf)
-    loaded = load_model(spec, **kwargs)
-    try:
-        result = run_rewrite(loaded.module, to, loaded.example_input, only=only, leaves=tuple(leaf))
-    except VerificationError as exc:
-        failed = getattr(exc, "result", None)
-        if failed is not None:
-            if as_json:
-                typer.echo(json.dumps({"model": loaded.name, "written": None, **failed.to_dict()}, indent=2))
-            else:
-                render_result(failed, loaded.name)
-        raise
-    written = None
-    if output is not None:
-        written = save_module(result.module, output, format, input_path=getattr(loaded, "source_path", None),
-                              example_input=loaded.example_input)
+    from mixfx import progress
+    from mixfx.errors import VerificationError
+    from mixfx.loading import load_model, parse_input_shape
+    from mixfx.rewrite import rewrite as run_rewrite
+    from mixfx.saving import save_module
+
+    shape = parse_input_shape(input) if input is not None else None
+    with show_progress(not as_json):
+        progress.stage(f"loading {spec}")
+        loaded = load_model(spec, entry=entry, input_shape=shape, trust=trust)
+        try:
+            result = run_rewrite(loaded.module, to, loaded.example_input, only=only, leaves=tuple(leaf))
+        except VerificationError as exc:
+            failed = getattr(exc, "result", None)
+            if failed is not None:
+                if as_json:
+                    typer.echo(json.dumps({"model": loaded.name, "written": None, **failed.to_dict()}, indent=2))
+                else:
+                    render_result(failed, loaded.name)
+            raise
+        written = None
+        if output is not None and result.changes:
+            progress.stage(f"writing {output}")
+            written = save_module(result.module, output, format, input_path=getattr(loaded, "source_path", None),
+                                  example_input=loaded.example_input)
     if as_json:
-        typer.echo(json.dumps({"model": loaded.name, "written": str(written) if written else None, **result.to_dict()},
-                              indent=2))
+        typer.echo(json.dumps({"model": loaded.name, "written": str(written) if written else None,
+                               "nothing_to_rewrite": not result.changes, **result.to_dict()}, indent=2))
+        return
+    if not result.changes:
+        console.print(f"[bold]mixfx rewrite[/] {loaded.name} --to {to}", highlight=False)
+        console.print(f"[bold]nothing to rewrite:[/] no node of {loaded.name} is changed by --to {to}"
+                      + (f" --only {only}" if only else "") + "; nothing written.", highlight=False)
+        _render_skipped(result)
         return
     render_result(result, loaded.name)
     if written is not None:
-        console.print(f"wrote [bold]{written}[/] ({format})")
+        console.print(f"wrote [bold]{written}[/] ({format})", highlight=False)
     else:
         console.print("[dim]nothing written (use -o PATH to save the rewritten module)[/]")
 
 
-def render_result(result: RewriteResult, name: str) -> None:
-    """Tables: changes, skipped, verification, verdict before/after."""
-    console.print(f"[bold]mixfx rewrite[/] {name} --to {result.target}  (passes: {', '.join(result.passes)})")
-    table = Table(title=f"Changes ({len(result.changes)})", show_lines=False)
-    for col in ("pass", "node", "module", "before", "after"):
-        table.add_column(col, overflow="fold")
-    dense = [c for c in result.changes if c.pass_name != "layout"]
-    for c in dense[:MAX_ROWS]:
-        table.add_row(c.pass_name, c.node, c.module or "", c.before, c.after)
-    if len(dense) > MAX_ROWS:
-        table.add_row("...", f"{len(dense) - MAX_ROWS} more", "", "", "(see --json)")
-    # layout changes are many and alike: one row per kind, with how often it happened
-    kinds: dict[tuple[str, str], int] = {}
-    for c in result.changes:
-        if c.pass_name == "layout":
-            kinds[(c.before, c.after)] = kinds.get((c.before, c.after), 0) + 1
-    for (before, after), n in kinds.items():
-        table.add_row("layout", f"x{n}", "", before, after)
-    console.print(table)
+# ------------------------------------------------------------------------------------- rendering
+def _kind(text: str) -> str:
+    """A change's before/after without its sizes, so that alike changes group:
+    'Conv2d(32, 128, 1x1, bias=True) on [B,C,H,W] (input [1,32,32,32])' -> 'Conv2d 1x1 on [B,C,H,W]'."""
+    text = re.sub(r"kernel_size=\((\d+), (\d+)\)", r"\1x\2", text)
+
+    def group(m: re.Match) -> str:
+        kernels = re.findall(r"\b\d+x\d+(?:x\d+)*\b", m.group(0))
+        return (" " + " ".join(kernels)) if kernels else ""
+
+    previous = None
+    while previous != text:  # innermost parentheses first
+        previous, text = text, re.sub(r"\s*\([^()]*\)", group, text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def name_patterns(names: list[str]) -> list[str]:
+    """Module paths with their numbers as `*`, each pattern once: 24 blocks read as one line
+    (blocks.*.mlp.fc*). A pattern matched by one name only is that name."""
+    by_pattern: dict[str, list[str]] = {}
+    for n in names:
+        by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
+    return [group[0] if len(group) == 1 else pattern for pattern, group in by_pattern.items()]
+
+
+def _width() -> int:
+    return max(40, console.width)
+
+
+def print_group(count: int, text: str, names: list[str]) -> None:
+    """One line `  COUNT  TEXT  NAMES` when it fits the console, else the names on an indented
+    line under it; wrapped lines keep their indent and never split a word or a module path."""
+    width = _width()
+    head = f"{count:>4}  {text}"
+    shown = ", ".join(name_patterns([n for n in names if n]))
+    if shown and len(head) + 2 + len(shown) <= width:
+        console.print(f"{head}  {shown}", highlight=False, markup=False, soft_wrap=True)
+        return
+    for line in textwrap.wrap(head, width, subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if shown:
+        for line in textwrap.wrap(shown, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                  break_long_words=False, break_on_hyphens=False):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _render_skipped(result: Any) -> None:
     if result.skipped:
-        table = Table(title=f"Skipped ({len(result.skipped)})")
-        for col in ("pass", "node", "module", "reason"):
-            table.add_column(col, overflow="fold")
-        for s in result.skipped[:MAX_ROWS]:
-            table.add_row(s.pass_name, s.node, s.module or "", s.reason)
-        if len(result.skipped) > MAX_ROWS:
-            table.add_row("...", f"{len(result.skipped) - MAX_ROWS} more", "", "(see --json)")
-        console.print(table)
+        console.print(f"[bold]Skipped ({len(result.skipped)})[/]")
+        skips: dict[tuple[str, str], list[str]] = {}
+        for s in result.skipped:
+            skips.setdefault((s.pass_name, s.reason), []).append(s.module or s.node)
+        for (pass_name, reason), names in skips.items():
+            print_group(len(names), f"{pass_name}: {reason}", names)
+
+
+def render_result(result: Any, name: str) -> None:
+    """The rewrite as lines that read at 80 columns and through pipes: alike changes and alike
+    skips grouped one line each (`--json` has every one), the verification, the verdicts."""
+    from rich.table import Table
+
+    console.print(f"[bold]mixfx rewrite[/] {name} --to {result.target}", highlight=False)
+    console.print(f"[dim]passes:[/] {', '.join(result.passes)}", highlight=False)
+    console.print(f"[bold]Changes ({len(result.changes)})[/]")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for c in result.changes:
+        if c.pass_name == "layout":  # already alike: the exact pattern and what it became
+            key = (c.pass_name, f"{c.before}  =>  {c.after}")
+        else:
+            key = (c.pass_name, f"{_kind(c.before)} -> {_kind(c.after)}")
+        groups.setdefault(key, []).append(c.module or c.node)
+    if not groups:
+        console.print("     none")
+    for (pass_name, text), names in groups.items():
+        print_group(len(names), f"{pass_name}  {text}", names if pass_name != "layout" else [])
+    _render_skipped(result)
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        for i, line in enumerate(textwrap.wrap(f"note: {note}", _width(), subsequent_indent="      ",
+                                               break_long_words=False, break_on_hyphens=False)):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     v = result.verification
     if v is not None:
-        table = Table(title="Verification (float32, random inputs, seed %d)" % v.seed)
+        table = Table(title="Verification (float32, random inputs, seed %d)" % v.seed, title_justify="left")
         for col in ("input", "max abs err", "max rel err", "max |ref|", "result"):
             table.add_column(col)
         for s in v.sizes:
@@ -114,18 +210,21 @@ def render_result(result: RewriteResult, name: str) -> None:
             table.add_row("x".join(map(str, s.input_shape)) + " (float64)", f"{s.max_abs_err:.3g}",
                           f"{s.max_rel_err:.3g}", f"{s.ref_scale:.3g}", verdict)
         table.caption = f"tolerance: max abs err <= {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} * max|ref|"
+        table.caption_justify = "left"
         if v.float64_sizes:
             table.caption += "; float32 missed it, float64 rows: rel err <= 1e-9"
-        if v.degenerate:
-            table.caption += " (all outputs are zero: this comparison cannot detect a wrong rewrite)"
+        if v.randomised:
+            table.caption += f"; on copies with {len(v.randomised)} all-zero parameter(s) drawn at random"
+        if v.unproven:
+            table.caption += f"; [red]not proven:[/] {v.unproven}"
         console.print(table)
     if result.classification_before is not None:
-        table = Table(title="Analysis verdict")
-        table.add_column("")
-        table.add_column("classification")
-        table.add_column("rigid nodes", overflow="fold")
-        table.add_row("before", result.classification_before, ", ".join(result.rigid_before) or "-")
-        table.add_row("after", result.classification_after or "-", ", ".join(result.rigid_after) or "-")
-        console.print(table)
+        console.print("[bold]Analysis verdict[/]")
+        for label, cls, rigid in (("before", result.classification_before, result.rigid_before),
+                                  ("after", result.classification_after or "-", result.rigid_after)):
+            print_group_line = f"  {label:<7}{cls}" + (f"  rigid: {', '.join(name_patterns(rigid))}" if rigid else "")
+            for line in textwrap.wrap(print_group_line, _width(), subsequent_indent=" " * 9,
+                                      break_long_words=False, break_on_hyphens=False):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
         if result.classification_after and result.classification_after != result.classification_before:
             console.print("[bold yellow]warning:[/] the classification changed under the rewrite")
