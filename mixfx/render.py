@@ -82,7 +82,10 @@ def _name_patterns(names: list[str]) -> list[str]:
     by_pattern: dict[str, list[str]] = {}
     for n in names:
         by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
-    return [group[0] if len(group) == 1 else pattern for pattern, group in by_pattern.items()]
+    out: list[str] = []
+    for pattern, group in by_pattern.items():
+        out += group if len(group) == 1 or not re.search(r"[A-Za-z]", pattern) else [pattern]
+    return out
 
 
 LONG_CONSTRAINT = 160

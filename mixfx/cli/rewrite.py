@@ -103,8 +103,9 @@ def rewrite(
         return
     if not result.changes:
         console.print(f"[bold]mixfx rewrite[/] {loaded.name} --to {to}", highlight=False)
-        console.print(f"[bold]nothing to rewrite:[/] no node of {loaded.name} is changed by --to {to}"
-                      + (f" --only {only}" if only else "") + "; nothing written.", highlight=False)
+        console.print(f"[bold]nothing to rewrite:[/] --to {to}" + (f" --only {only}" if only else "")
+                      + f" changes no node of {loaded.name}.", highlight=False)
+        console.print("nothing written (exit 0); the reasons:" if result.skipped else "nothing written (exit 0).")
         _render_skipped(result)
         return
     render_result(result, loaded.name)
@@ -136,7 +137,11 @@ def name_patterns(names: list[str]) -> list[str]:
     by_pattern: dict[str, list[str]] = {}
     for n in names:
         by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
-    return [group[0] if len(group) == 1 else pattern for pattern, group in by_pattern.items()]
+    out: list[str] = []
+    for pattern, group in by_pattern.items():
+        # `*` alone (children of a Sequential: 0, 2, ...) says nothing: list those names
+        out += group if len(group) == 1 or not re.search(r"[A-Za-z]", pattern) else [pattern]
+    return out
 
 
 def _width() -> int:
