@@ -44,8 +44,16 @@ app = typer.Typer(
     rich_markup_mode=None,  # click's plain help: reads at 80 columns and through pipes
 )
 
-console = Console()
-err_console = Console(stderr=True)
+class _Console(Console):
+    """rich exits 1 on a closed pipe (`Console.on_broken_pipe`): 1 means "--check failed" here."""
+
+    def on_broken_pipe(self) -> None:
+        _silence_stdout()
+        raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 # shared option texts (metavars in capitals, as in the usage lines of the README)
 SPEC_HELP = "The model: path/to/model.py, model.pt, package.module:attr, timm:NAME or torchvision:NAME."
@@ -124,7 +132,7 @@ def show_progress(enabled: bool = True) -> Iterator[None]:
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                    console=err_console, transient=True)
     task = bar.add_task("starting", total=None)
-    with bar, progress.reporting(lambda text: bar.update(task, description=text)):
+    with bar, progress.reporting(lambda text: bar.update(task, description=text, refresh=True)):
         yield
 
 

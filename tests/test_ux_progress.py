@@ -1,0 +1,67 @@
+"""Issue 17, item 8: progress on stderr when it is a terminal, nothing when piped or with --json."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+import mixfx
+from mixfx import progress
+from mixfx.cli import app
+
+runner = CliRunner()
+
+SMALL = ("import torch.nn as nn\nINPUT_SHAPE = (1, 3, 16, 16)\n"
+         "model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(2))\n")
+
+
+def test_library_stages_reach_the_reporter_and_nothing_by_default():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(2), torch.nn.Linear(64, 2))
+    seen: list[str] = []
+    with progress.reporting(seen.append):
+        mixfx.rewrite(model, "conv", torch.randn(1, 3, 8, 8), analyze=False)
+    assert "tracing with torch.fx" in seen
+    assert any(s.startswith("rewrite pass ") for s in seen)
+    assert "verifying at 1x3x8x8" in seen
+    progress.stage("outside any reporter")  # a no-op, never an error
+
+
+@pytest.fixture()
+def terminal_stderr(monkeypatch):
+    import sys
+
+    cli_app = sys.modules["mixfx.cli.app"]  # `mixfx.cli.app` the attribute is the Typer app
+    buf = io.StringIO()
+    monkeypatch.setattr(cli_app, "err_console", Console(file=buf, force_terminal=True, width=80))
+    return buf
+
+
+def test_a_terminal_gets_a_spinner_with_the_stage(tmp_path, terminal_stderr):
+    model = tmp_path / "small.py"
+    model.write_text(SMALL)
+    res = runner.invoke(app, ["analyze", str(model)])
+    assert res.exit_code == 0, res.output
+    shown = terminal_stderr.getvalue()
+    for stage in ("loading", "analysing", "tracing with torch.fx"):  # each stage is drawn when it starts
+        assert stage in shown, shown
+    assert shown.endswith("\x1b[2K")  # transient: the line is erased at the end
+
+
+def test_json_shows_no_progress_even_on_a_terminal(tmp_path, terminal_stderr):
+    model = tmp_path / "small.py"
+    model.write_text(SMALL)
+    res = runner.invoke(app, ["analyze", str(model), "--json"])
+    assert res.exit_code == 0, res.output
+    assert terminal_stderr.getvalue() == ""
+
+
+def test_piped_stderr_gets_no_progress(tmp_path):
+    model = tmp_path / "small.py"
+    model.write_text(SMALL)
+    res = runner.invoke(app, ["analyze", str(model)])
+    assert res.exit_code == 0
+    for stage in ("loading", "analysing", "tracing"):
+        assert stage not in res.stderr
