@@ -272,6 +272,13 @@ def trace(
 
     `check=True` runs the fx graph against the eager model once (fake tensors) and falls back
     when they disagree."""
+    with progress.step("tracing"):
+        return _trace_with_fallbacks(model, example_input, leaves=leaves, autowrap=autowrap,
+                                     allow_export=allow_export, check=check)
+
+
+def _trace_with_fallbacks(model: nn.Module, example_input: torch.Tensor | None, *, leaves: Sequence[Leaf],
+                          autowrap: Sequence[Callable], allow_export: bool, check: bool) -> TraceResult:
     attempts: list[str] = []
     fx_error: TraceError | None = None
     optional = _optional_arguments(model)

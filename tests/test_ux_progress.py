@@ -65,3 +65,12 @@ def test_piped_stderr_gets_no_progress(tmp_path):
     assert res.exit_code == 0
     for stage in ("loading", "analysing", "tracing"):
         assert stage not in res.stderr
+
+
+def test_a_step_gives_the_screen_back_to_the_enclosing_stage():
+    seen: list[str] = []
+    with progress.reporting(seen.append):
+        progress.stage("analysing")
+        mixfx.trace(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 8, 8))
+    assert seen[0] == "analysing" and "tracing with torch.fx" in seen
+    assert seen[-1] == "analysing"  # not "tracing" for the rest of the analysis

@@ -46,7 +46,7 @@ def analyze(
         loaded = load_model(spec, entry=entry, input_shape=shape, trust=trust, meta=use_meta)
         from mixfx.analysis import analyze as run_analysis
 
-        progress.stage("analysing: tracing, symbolic run, size checks")
+        progress.stage("analysing: symbolic run and size checks")
         report = run_analysis(loaded.module, loaded.example_input, leaves=tuple(leaf), name=loaded.name,
                               symbolic_budget_s=budget or None)
         if html is not None:
