@@ -109,6 +109,10 @@ def load_model(
         saved_shape = getattr(module, "MIXFX_INPUT_SHAPE", None)  # written by mixfx.saving
         if saved_shape:
             declared, declared_from = tuple(int(d) for d in saved_shape), "the shape saved with the module"
+    elif Path(spec).is_dir() and (Path(spec) / "module.py").is_file():
+        source_path = str(Path(spec).resolve())
+        module, declared, name = _load_saved_folder(spec, trust)
+        declared_from = "INPUT_SHAPE in the folder" if declared else "default"
     elif spec.endswith(".py") or os.sep in spec or Path(spec).exists():
         source_path = str(Path(spec).resolve())
         module, declared, declared_from, name, declared_tensors = _load_file(spec, entry, build_ctx)
@@ -284,6 +288,25 @@ def _load_pickle(path: str, trust: bool) -> nn.Module:
         raise ModelLoadError(f"{path} holds a {type(obj).__name__} (a state_dict?), not an nn.Module.",
                              "mixfx needs the model itself: point it at the .py file that builds the model.")
     return obj
+
+
+def _load_saved_folder(path: str, trust: bool) -> tuple[nn.Module, tuple[int, ...] | None, str]:
+    """A folder written by `mixfx rewrite --format folder`: its module.py unpickles the children it
+    could not write as source, hence --trust, as for a pickled .pt."""
+    if not trust:
+        raise ModelLoadError(
+            f"{path} is a saved folder whose module.py unpickles modules, which is not done by default: "
+            "unpickling can run arbitrary code.", "If you trust this folder, pass --trust.")
+    from mixfx.saving import load_saved
+
+    try:
+        module = load_saved(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path} could not be loaded as a saved folder: {type(exc).__name__}: {exc}.",
+                             "Was it written by mixfx rewrite --format folder? --debug shows the traceback.") from exc
+    package = sys.modules.get(type(module).__module__.rsplit(".", 1)[0])
+    shape = getattr(sys.modules.get(type(module).__module__), "INPUT_SHAPE", None) or getattr(package, "INPUT_SHAPE", None)
+    return module, (tuple(int(d) for d in shape) if shape else None), Path(path).resolve().name
 
 
 def _import_file(path: Path):

@@ -115,7 +115,11 @@ def fx_trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TraceError
-        raise TraceError(*_explain_trace_failure(exc, model)) from exc
+        message, hint = _explain_trace_failure(exc, model)
+        root = type(model)
+        if root in tracer.leaf_types or root.__name__ in tracer.leaf_names:
+            hint = f"(--leaf {root.__name__} names the top-level module itself, which cannot be a leaf.) " + hint
+        raise TraceError(message, hint) from exc
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
 

@@ -126,3 +126,15 @@ def test_nothing_to_rewrite_says_so_and_writes_nothing(tmp_path):
     res = runner.invoke(app, ["rewrite", str(model), "--to", "linear", "-o", str(out), "--json"])
     data = json.loads(res.stdout)
     assert data["nothing_to_rewrite"] is True and data["written"] is None and not out.exists()
+
+
+def test_a_saved_folder_is_analysed_at_its_own_size_with_trust(fixed_file, tmp_path):
+    folder = tmp_path / "out_folder"
+    res = runner.invoke(app, ["rewrite", str(fixed_file), "--to", "conv", "--format", "folder", "-o", str(folder)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["analyze", str(folder)])
+    assert res.exit_code == 3 and "--trust" in res.output  # module.py unpickles: as for a .pt
+    res = runner.invoke(app, ["analyze", str(folder), "--trust", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["input_shape"] == [1, 3, 64, 64] and data["classification"] == "fixed"

@@ -107,3 +107,11 @@ def test_raft_small_is_named_as_a_two_image_model():
     assert res.exit_code == 3, res.output
     assert "RAFT.forward takes 2 required inputs (image1, image2)" in res.output
     assert "control flow" not in res.output
+
+
+def test_a_leaf_naming_the_root_is_explained(tmp_path):
+    model = tmp_path / "gate.py"
+    model.write_text(ROOT_BRANCH)
+    res = runner.invoke(app, ["analyze", str(model), "--leaf", "Gate"])
+    assert res.exit_code == 3
+    assert "--leaf Gate names the top-level module itself, which cannot be a leaf" in res.output
