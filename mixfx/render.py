@@ -65,12 +65,34 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
 
 
 def render_nodes(report: AnalysisReport, console: Console) -> None:
-    t = Table(title="Nodes", title_justify="left")
-    for col in ("#", "node", "op", "module", "shape", "status"):
-        t.add_column(col, overflow="fold")
+    """One row per node, borderless so that the shape formulas get the width: the module path
+    (the node's name after it when the two differ, e.g. `fc1 (node fc1_1)`), op, status, shape."""
+    from rich import box
+
+    rows = []
     for i, n in enumerate(report.nodes):
-        style = STATUS_STYLE.get(n.status, "")
-        t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style))
+        if not n.module:
+            name = n.name
+        elif n.module.replace(".", "_") == n.name:
+            name = n.module
+        else:
+            name = f"{n.module} (node {n.name})"
+        rows.append((str(i), name, n.op, n.status, n.shape or ""))
+    # fixed widths: the shape formula gets what the other columns leave (rich would shrink it most)
+    width = max(60, console.width)
+    idx_w = max((len(r[0]) for r in rows), default=1)
+    name_w = min(max((len(r[1]) for r in rows), default=4), width // 4)
+    op_w = min(max((len(r[2]) for r in rows), default=2), 12)
+    status_w = max((len(r[3]) for r in rows), default=6)
+    shape_w = max(16, width - idx_w - name_w - op_w - status_w - 2 * 4 - 2)  # 1 padding each side of 4 joins
+    t = Table(title="Nodes", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("#", justify="right", width=idx_w)
+    t.add_column("module / node", overflow="fold", width=name_w)
+    t.add_column("op", overflow="fold", width=op_w)
+    t.add_column("status", no_wrap=True, width=status_w)
+    t.add_column("shape", overflow="fold", width=shape_w)
+    for i, name, op, status, shape in rows:
+        t.add_row(i, name, op, Text(status, style=STATUS_STYLE.get(status, "")), shape)
     console.print(t)
 
 
