@@ -123,3 +123,12 @@ def test_input_with_a_zero_says_zero_is_the_problem(tmp_path):
     res = runner.invoke(app, ["analyze", str(model), "--input", "1x3x0x224"])
     assert res.exit_code == 2, res.output
     assert "size 3 is 0" in res.output and "at least 1" in res.output
+
+
+def test_nodes_table_fits_80_columns(example_path):
+    res = runner.invoke(app, ["analyze", example_path("vit_fixed_pos"), "--nodes"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    row = next(line for line in lines if " blocks.1.mlp.fc2 " in line)  # whole, on one line
+    assert "Linear" in row and "spatial" in row
