@@ -9,10 +9,16 @@ Accepted specs (see README "Model specs"):
   others are held at their example values (`hold_other_inputs`). A non-floating example (token
   ids) is kept as given, so that the model runs and the analyser can say it has no spatial dims.
 - `path/to/model.pt`: a pickled nn.Module. Loaded with `weights_only=True` unless `trust=True`,
-  because unpickling a full module can run arbitrary code.
+  because unpickling a full module can run arbitrary code. A module saved by `mixfx rewrite`
+  carries its example input's shape (`MIXFX_INPUT_SHAPE`), used when no `--input` is given.
+- `path/to/folder`: what `mixfx rewrite --format folder` wrote (needs `trust=True`: its
+  module.py unpickles modules); its `INPUT_SHAPE` is the example input.
 - `package.module:attr`: an importable factory (called with no arguments) or module instance.
-- `timm:NAME` / `torchvision:NAME` (random weights, nothing downloaded); timm keyword arguments
-  may follow `?`: `timm:vit_tiny_patch16_224?dynamic_img_size=True`.
+- `timm:NAME` / `torchvision:NAME` (random weights, nothing downloaded: torchvision builders get
+  None for every weights argument they take, `weights_backbone` included); keyword arguments
+  for the builder may follow `?`, joined by `&`: `timm:vit_tiny_patch16_224?dynamic_img_size=True`.
+A forward with several required inputs needs them all from `example_inputs()` (a model file);
+anything else is refused with a message that says so.
 `--input 1x3x256x320` (`input_shape`) overrides any declared input; otherwise timm's
 `pretrained_cfg["input_size"]`, else 1x3x224x224.
 """
@@ -59,7 +65,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     """'1x3x224x224' (or '1,3,224,224') -> (1, 3, 224, 224). A usage error (exit 2) unless it is
     at least batch x channels x one spatial size, all >= 1."""
     example = "Write it as sizes joined by 'x': batch x channels x spatial sizes, e.g. --input 1x3x224x224."
-    parts = [p for p in text.lower().replace(",", "x").replace(" ", "").split("x")]
+    parts = text.lower().replace(",", "x").replace(" ", "").split("x")
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
