@@ -129,8 +129,9 @@ def show_progress(enabled: bool = True) -> Iterator[None]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    # stdout stays stdout (the report, JSON): only stderr writes are routed above the spinner
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                   console=err_console, transient=True)
+                   console=err_console, transient=True, redirect_stdout=False)
     task = bar.add_task("starting", total=None)
     with bar, progress.reporting(lambda text: bar.update(task, description=text, refresh=True)):
         yield
