@@ -266,9 +266,10 @@ def rewrite(
                 f": max abs err {bad.max_abs_err:.3g} > {atol:g} + {rtol:g} * {bad.ref_scale:.3g}")
         what = (f"could not be proven equivalent to the original: {verification.unproven}" if verification.unproven
                 else f"is not equivalent to the original{where}")
-        exc = VerificationError(
-            f"the rewritten {type(model).__name__} {what}. Nothing was written.",
-            "Run with --only to narrow down which pass is responsible, and report the model if it is a mixfx bug.")
+        hint = ("Load trained weights (or any whose outputs are not all zero) into the model and rewrite that."
+                if verification.unproven else
+                "Run with --only to narrow down which pass is responsible, and report the model if it is a mixfx bug.")
+        exc = VerificationError(f"the rewritten {type(model).__name__} {what}. Nothing was written.", hint)
         exc.result = out  # type: ignore[attr-defined]
         raise exc
     return out

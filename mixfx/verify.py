@@ -224,7 +224,8 @@ def verify(
         result.float64_sizes = _float64_checks(original, rewritten, example_input, extra_sizes, seed)
         result.passed = bool(result.float64_sizes) and all(c.passed for c in result.float64_sizes)
     if result.passed and result.degenerate and _randomise:
-        return _verify_with_zero_parameters_drawn(original, rewritten, example_input, extra_sizes, atol, rtol, seed)
+        return _verify_with_zero_parameters_drawn(original, rewritten, example_input, extra_sizes, atol, rtol, seed,
+                                                  result)
     if result.degenerate:
         result.passed = False
         result.unproven = result.unproven or "the outputs are identically zero, so the comparison cannot detect a wrong rewrite"
@@ -238,13 +239,14 @@ def zero_parameters(model: nn.Module) -> list[str]:
 
 def _verify_with_zero_parameters_drawn(original: nn.Module, rewritten: nn.Module, example_input: torch.Tensor,
                                        extra_sizes: Sequence[Sequence[int]], atol: float, rtol: float,
-                                       seed: int) -> Verification:
-    """The original's outputs are all zeros: compare copies in which the original's all-zero
-    parameters hold the same random values in both models (see the module docstring)."""
+                                       seed: int, degenerate: Verification) -> Verification:
+    """The original's outputs are all zeros (`degenerate`): compare copies in which the original's
+    all-zero parameters hold the same random values in both models (see the module docstring)."""
     import copy
 
     def unproven(reason: str) -> Verification:
-        return Verification(False, 0.0, 0.0, {"atol": atol, "rtol": rtol}, [], seed, unproven=reason)
+        degenerate.passed, degenerate.unproven = False, reason  # its all-zero rows show why
+        return degenerate
 
     names = zero_parameters(original)
     if not names:

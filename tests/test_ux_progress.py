@@ -74,3 +74,27 @@ def test_a_step_gives_the_screen_back_to_the_enclosing_stage():
         mixfx.trace(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 8, 8))
     assert seen[0] == "analysing" and "tracing with torch.fx" in seen
     assert seen[-1] == "analysing"  # not "tracing" for the rest of the analysis
+
+
+ZERO_BY_CONSTRUCTION = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 3, 8, 8)
+class M(nn.Module):
+    def __init__(self):
+        super().__init__(); self.c = nn.Conv2d(3, 4, 1); self.fc = nn.Linear(4, 4)
+    def forward(self, x):
+        return self.fc(self.c(x).permute(0, 2, 3, 1)) * 0.0
+model = M()
+'''
+
+
+def test_report_printed_while_the_spinner_runs_stays_on_stdout(tmp_path, terminal_stderr):
+    """A refused rewrite prints its tables inside the progress block: they must reach stdout."""
+    model = tmp_path / "zero.py"
+    model.write_text(ZERO_BY_CONSTRUCTION)
+    res = runner.invoke(app, ["rewrite", str(model), "--to", "conv", "-o", str(tmp_path / "out.pt")])
+    assert res.exit_code == 4, res.output
+    assert "Verification" in res.stdout and "not proven" in res.stdout
+    assert "Verification" not in terminal_stderr.getvalue()
+    assert "could not be proven equivalent" in terminal_stderr.getvalue()  # the error paragraph
+    assert not (tmp_path / "out.pt").exists()

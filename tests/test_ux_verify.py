@@ -99,6 +99,7 @@ def test_zero_outputs_without_a_zero_parameter_are_not_passed():
     m = Zero().eval()
     v = verify(m, m, torch.randn(1, 3, 8, 8))
     assert not v.passed and v.unproven and "nothing" in v.unproven
+    assert v.sizes and all(s.ref_scale == 0 for s in v.sizes)  # the all-zero comparison it could not use
 
 
 def test_zero_parameters_without_a_counterpart_are_not_passed():

@@ -206,6 +206,8 @@ def render_result(result: Any, name: str) -> None:
             table.add_column(col)
         for s in v.sizes:
             verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
+            if s.passed and s.ref_scale == 0 and s.max_abs_err == 0:
+                verdict = "[yellow]all zero[/]"  # equal, but proves nothing
             if s.error:
                 verdict += f" ({s.error})"
             table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
@@ -220,9 +222,11 @@ def render_result(result: Any, name: str) -> None:
             table.caption += "; float32 missed it, float64 rows: rel err <= 1e-9"
         if v.randomised:
             table.caption += f"; on copies with {len(v.randomised)} all-zero parameter(s) drawn at random"
-        if v.unproven:
-            table.caption += f"; [red]not proven:[/] {v.unproven}"
         console.print(table)
+        if v.unproven:
+            for line in textwrap.wrap(f"not proven: {v.unproven}", _width(), subsequent_indent="  ",
+                                      break_long_words=False, break_on_hyphens=False):
+                console.print(line, style="red", highlight=False, markup=False, soft_wrap=True)
     if result.classification_before is not None:
         console.print("[bold]Analysis verdict[/]")
         for label, cls, rigid in (("before", result.classification_before, result.rigid_before),
