@@ -109,6 +109,16 @@ def test_closed_pipe_is_not_a_failed_check(tmp_path):
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
 
 
+def test_closed_pipe_on_help_is_not_a_failed_check():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mixfx", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=ROOT)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err
+
+
 def test_input_with_too_few_sizes_is_a_usage_error(tmp_path):
     model = tmp_path / "small.py"
     model.write_text(SMALL)

@@ -6,8 +6,9 @@ inside its function (so that `mixfx --help` stays fast), plus one line in COMMAN
 from __future__ import annotations
 
 import importlib
+import sys
 
-from mixfx.cli.app import app
+from mixfx.cli.app import EXIT_BROKEN_PIPE, silence_stdout, app
 
 # Importing the command modules registers their commands on `app`.
 COMMAND_MODULES = ("mixfx.cli.analyze", "mixfx.cli.rewrite")
@@ -17,4 +18,12 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # typer/click answer a closed stdout outside a command (`mixfx --help | head -1`) with exit
+        # 1 after wrapping stdout in a PacifyFlushWrapper; 1 means "--check failed" here
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            silence_stdout()
+            raise SystemExit(EXIT_BROKEN_PIPE) from None
+        raise

@@ -48,7 +48,7 @@ class _Console(Console):
     """rich exits 1 on a closed pipe (`Console.on_broken_pipe`): 1 means "--check failed" here."""
 
     def on_broken_pipe(self) -> None:
-        _silence_stdout()
+        silence_stdout()
         raise SystemExit(EXIT_BROKEN_PIPE)
 
 
@@ -94,7 +94,7 @@ def handle_errors(fn: F) -> F:
             err_console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt:
             if debug:
@@ -105,7 +105,7 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's final flush does not raise again."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)
