@@ -231,6 +231,7 @@ class Convolutionalise(RewritePass):
         big_shape = (x.shape[0], x.shape[1], 2 * x.shape[2], 2 * x.shape[3])
         from mixfx.shapes import propagate_concrete
 
+        self.small = propagate_concrete(gm, tuple(x.shape))  # same format as `big` (tuple outputs too)
         self.big = propagate_concrete(gm, tuple(big_shape))
         out_shape = run.shapes[result]
         if len(out_shape) != 2:
@@ -293,16 +294,17 @@ class Convolutionalise(RewritePass):
         msg = exc.message
         if failure is not None:
             msg += f" (At twice the example size the original fails at `{failure.node}`: {failure.error}.)"
-        if rigid:
-            r = rigid[0]
+        head_like = all(r.kind == "structural" and "linear" in r.op.lower() for r in rigid)
+        if rigid and not head_like:  # a rigid node the head rewrite could not have cured: say it first
+            r = next(r for r in rigid if r.kind != "structural" or "linear" not in r.op.lower())
             msg = (f"the spatial part is not convolutional: polymorphism breaks at `{r.module or r.node}` ({r.op}, "
                    f"{r.kind}): {r.reason}. Converting the head failed too: {msg}")
         return FcnError(msg, exc.hint)
 
     # -- which nodes are the head --
     def _varying(self, node: Node) -> bool:
-        s1, s2 = self.run.shapes.get(node), self.big.shapes.get(node.name)
-        return s1 is not None and s2 is not None and tuple(s1) != tuple(s2)
+        s1, s2 = self.small.shapes.get(node.name), self.big.shapes.get(node.name)
+        return s1 is not None and s2 is not None and s1 != s2
 
     def _layout(self, node: Node) -> str | None:
         """"nchw"/"nhwc" for a map (rank 4, batch and one other dim fixed, two adjacent dims varying)."""
@@ -367,10 +369,15 @@ class Convolutionalise(RewritePass):
         with graph.inserting_before(out_node):
             maps[features] = features if lay == "nchw" else graph.call_method("permute", (features, 0, 3, 1, 2))
             for n in head:
-                if n not in run.shapes:  # a size or other non-tensor value: recomputed where still needed
+                if n in run.consts:  # a size or other non-tensor value: recomputed where still needed
                     maps[n] = graph.node_copy(n, lambda a: maps.get(a, a))
                     continue
                 ins = [a for a in n.all_input_nodes if a in forms]
+                if n not in run.shapes or not ins:
+                    raise FcnError(f"the head has no convolutional form at `{n.name}` ({_op_name(gm, n)}): it "
+                                   + ("returns several values" if n not in run.shapes else "reads no map")
+                                   + ", which mixfx cannot compute per position.",
+                                   "Rewrite that part of the head by hand.")
                 for a in n.all_input_nodes:
                     if a not in forms and a in run.shapes and a.op != "get_attr":
                         raise FcnError(f"the head node `{n.name}` ({_op_name(gm, n)}) also reads `{a.name}`, a "

@@ -1,4 +1,4 @@
-"""`mixfx rewrite SPEC --to conv|linear`: rewrite, verify, analyse before/after, optionally save."""
+"""`mixfx rewrite SPEC --to conv|linear|fcn`: rewrite, verify, analyse before/after, optionally save."""
 from __future__ import annotations
 
 import inspect
@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mixfx.cli.app import app, console, handle_errors
@@ -21,7 +22,7 @@ MAX_ROWS = 40  # longer change lists are summarised (the JSON output has them al
 @handle_errors
 def rewrite(
     spec: str = typer.Argument(..., help="The model: path/to/model.py, model.pt, package.module:attr, timm:NAME or torchvision:NAME."),
-    to: str = typer.Option(..., "--to", help="conv: every Linear becomes a 1x1 conv; linear: every 1x1 conv becomes a Linear."),
+    to: str = typer.Option(..., "--to", help="conv: every Linear becomes a 1x1 conv; linear: every 1x1 conv becomes a Linear; fcn: the classifier's head becomes convolutions (output [N, K, h, w], a score map on larger inputs)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the rewritten GraphModule here (nothing is written without it)."),
     format: str = typer.Option("pt", "--format", help="pt: torch.save'd GraphModule; folder: readable source + weights (GraphModule.to_folder)."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only the passes whose name or group matches (glob): dense, patchify, layout, linear_to_conv, ..."),
@@ -32,11 +33,12 @@ def rewrite(
     trust: bool = typer.Option(False, "--trust", help="Allow loading a pickled module from a .pt file (unpickling can run arbitrary code)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-paragraph errors."),
 ) -> None:
-    """Rewrite Linear <-> 1x1 conv (plus layout clean-up), verify the numerics, and report the
+    """Rewrite Linear <-> 1x1 conv (plus layout clean-up), or a classifier's head into convolutions
+    (--to fcn), verify the numerics, and report the
     verdict before and after. Exit codes: 0 done, 2 usage error, 3 model could not be loaded or
     traced, 4 the rewrite could not be verified (nothing written), 5 the output could not be written."""
     if to not in TARGETS:
-        raise UsageError(f"--to {to!r} is not a rewrite target.", "Use --to conv or --to linear.")
+        raise UsageError(f"--to {to!r} is not a rewrite target.", "Use --to conv, --to linear or --to fcn.")
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not an output format.", "Use --format pt or --format folder.")
     kwargs = {"entry": entry, "input_shape": input, "trust": trust}
@@ -96,8 +98,12 @@ def render_result(result: RewriteResult, name: str) -> None:
         if len(result.skipped) > MAX_ROWS:
             table.add_row("...", f"{len(result.skipped) - MAX_ROWS} more", "", "(see --json)")
         console.print(table)
+    score_map = result.score_map.describe() if result.score_map is not None else None  # --to fcn
+    if score_map:
+        console.print(f"[bold]{escape(score_map)}[/]", highlight=False)
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        if note != score_map:
+            console.print(f"[dim]note:[/] {note}")
     v = result.verification
     if v is not None:
         table = Table(title="Verification (float32, random inputs, seed %d)" % v.seed)
@@ -127,5 +133,6 @@ def render_result(result: RewriteResult, name: str) -> None:
         table.add_row("before", result.classification_before, ", ".join(result.rigid_before) or "-")
         table.add_row("after", result.classification_after or "-", ", ".join(result.rigid_after) or "-")
         console.print(table)
-        if result.classification_after and result.classification_after != result.classification_before:
+        if (result.classification_after and result.classification_after != result.classification_before
+                and result.target != "fcn"):  # fcn: a flatten + Linear head made fixed, converted it is not
             console.print("[bold yellow]warning:[/] the classification changed under the rewrite")
