@@ -115,7 +115,8 @@ def main() -> None:
         "not_convolutional": len(others),
         "not_convolutional_converted": sum(r["outcome"] == "verified" for r in others),
         "refused_not_convolutional": sum(r["outcome"] == "refused" for r in others),
-        "median_time_s": statistics.median(r["time_s"] for r in rows) if rows else None,
+        "median_time_s": round(statistics.median(r["time_s"] for r in rows), 2) if rows else None,
+        "total_time_s": round(sum(r["time_s"] for r in rows), 1),
         "torch": torch.__version__,
     }
     print(f"\nconvolutional (per the analyser): {len(conv)}/{len(rows)}; converted and verified: {len(ok)}/{len(conv)}"

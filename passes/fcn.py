@@ -442,7 +442,7 @@ class Convolutionalise(RewritePass):
         else:
             out = fin
         if out is not None:
-            yield _Candidate(f"{_op_name(gm, n)} on the map", lambda *ms: self._call(n, ins, ms),
+            yield _Candidate(f"{_op_name(gm, n)} on the map", lambda *ms: self._call_with(n, ins, ms),
                              lambda g, ms: g.node_copy(n, self._arg_map(ins, ms)), out)
         # a pure reshape of what is already there (flatten of a 1x1 map, view(N, -1), squeeze)
         for f in _forms_with(fin.window, c_in, self.n, shape_out):
@@ -454,11 +454,11 @@ class Convolutionalise(RewritePass):
             fin if fin.kind == "grid" and fin.layout == "nhwc" else None)
         if last is not None and all(forms[a] == fin for a in ins):
             yield _Candidate(f"{_op_name(gm, n)} per position (channels-last)",
-                             lambda *ms: self._call(n, ins, [m.permute(0, 2, 3, 1) for m in ms]).permute(0, 3, 1, 2),
+                             lambda *ms: self._call_with(n, ins, [m.permute(0, 2, 3, 1) for m in ms]).permute(0, 3, 1, 2),
                              self._emit_channels_last(n, ins), last)
         if fin == _Form("vec") and len(shape_out) == 2 and all(forms[a] == fin for a in ins):
             yield _Candidate(f"{_op_name(gm, n)} per position ([N, C, h*w])",
-                             lambda *ms: self._call(n, ins, [m.flatten(2) for m in ms]).unflatten(2, ms[0].shape[2:]),
+                             lambda *ms: self._call_with(n, ins, [m.flatten(2) for m in ms]).unflatten(2, ms[0].shape[2:]),
                              self._emit_positions_flat(n, ins), _Form("vec"))
 
     def _linear_candidate(self, n: Node, fin: _Form, c_in: int, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -523,7 +523,7 @@ class Convolutionalise(RewritePass):
         try:
             with torch.no_grad():
                 out = cand.impl(*[m.clone() for m in ms])
-        except Exception as exc:  # noqa: BLE001 - this form does not apply
+        except Exception:  # noqa: BLE001 - this form does not apply
             return False, ""
         (oh, ow) = cand.out_form.window
         for i in range(eh + 1):
@@ -532,7 +532,7 @@ class Convolutionalise(RewritePass):
                         for a, m in zip(ins, ms)]
                 try:
                     with torch.no_grad():
-                        ref = self._call_original(n, ins, wins)
+                        ref = self._call_with(n, ins, wins)
                 except Exception as exc:  # noqa: BLE001
                     return False, f"the op fails on a window of the map ({type(exc).__name__}: {exc})"[:200]
                 if out.dim() != 4 or out.shape[2] < i + oh or out.shape[3] < j + ow:
@@ -563,11 +563,6 @@ class Convolutionalise(RewritePass):
         if n.op == "call_method":
             return getattr(args[0], n.target)(*args[1:], **kwargs)
         return n.target(*args, **kwargs)
-
-    _call_original = _call_with
-
-    def _call(self, n: Node, ins: list[Node], ms: Sequence[torch.Tensor]) -> Any:
-        return self._call_with(n, ins, ms)
 
     # -- emission --
     def _arg_map(self, ins: list[Node], ms: list[Node]):
