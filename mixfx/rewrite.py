@@ -340,10 +340,7 @@ def verify_fcn(model: nn.Module, gm: GraphModule, example_input: torch.Tensor, p
         first.passed = False
         first.sizes[0].passed = False
         first.sizes[0].error = f"the map is {size[0]}x{size[1]} at the example size, not 1x1"
-    sm = plan.score_map
-    sy, sx = sm.stride or _stride_guess(example_input, plan)
-    h, w = example_input.shape[2:]
-    sizes = [(*example_input.shape[:2], h + sy, w + 2 * sx), (*example_input.shape[:2], h + 2 * sy, w + sx)]
+    sizes = _larger_sizes(gm, plan, example_input)
     checks = [_windows_check(gm, plan, s, example_input, tol) for s in sizes]
     all_checks = first.sizes + checks
     compared = [c for c in all_checks if c.error is None]
@@ -368,6 +365,37 @@ def _stride_guess(example_input: torch.Tensor, plan: Any) -> tuple[int, int]:
     """Where the geometry is unknown: input size over feature-map size, times the head's stride."""
     h, w = example_input.shape[2:]
     return (max(1, h // plan.window[0]) * plan.head_stride[0], max(1, w // plan.window[1]) * plan.head_stride[1])
+
+
+def _larger_sizes(gm: GraphModule, plan: Any, example_input: torch.Tensor) -> list[tuple[int, ...]]:
+    """Two larger input shapes (H != W) the spatial part accepts: the example grown by multiples
+    of the map's stride, the smallest two per axis that run on meta tensors up to the feature
+    map, so that a divisibility constraint ((H//4) % 7 == 0) is met. A failure after the feature
+    map is the head's, and left for the check to report."""
+    from mixfx.shapes import propagate_concrete
+    from passes._fxutil import ancestors
+
+    n, c, h, w = example_input.shape
+    sy, sx = plan.score_map.stride or _stride_guess(example_input, plan)
+    feature = next(node for node in gm.graph.nodes if node.name == plan.feature_map)
+    body = {a.name for a in ancestors([feature])}
+
+    def accepted(hh: int, ww: int) -> bool:
+        failure = propagate_concrete(gm, (n, c, hh, ww), allow_real=False).failure
+        return failure is None or failure.node not in body or failure.kind in ("data_dependent", "unsupported")
+
+    def steps(stride: int, grow) -> list[int]:
+        found: list[int] = []
+        for k in range(1, 17):
+            if accepted(*grow(k * stride)):
+                found.append(k * stride)
+                if len(found) == 2:
+                    return found
+        return [stride, 2 * stride]  # none found: the checks say where it fails
+
+    dh = steps(sy, lambda d: (h + d, w))
+    dw = steps(sx, lambda d: (h, w + d))
+    return [(n, c, h + dh[0], w + dw[1]), (n, c, h + dh[1], w + dw[0])]
 
 
 def _run_keeping(gm: GraphModule, node_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -295,3 +295,23 @@ def test_cli_refusal_exits_4(example_path):
     res = CliRunner().invoke(app, ["rewrite", example_path("vit_fixed_pos"), "--to", "fcn"])
     assert res.exit_code == EXIT_VERIFY
     assert "not convolutional" in " ".join(res.output.split())
+
+
+def test_larger_sizes_meet_the_spatial_parts_divisibility_constraint(example_path):
+    loaded = mixfx.load_model(example_path("swin_windowed"))  # needs (H//4) % 7 == 0
+    model = loaded.module.eval()
+    result = mixfx.rewrite(model, to="fcn", example_input=loaded.example_input)
+    larger = [s.input_shape for s in result.verification.sizes[1:]]
+    assert len(larger) == 2 and all(s.passed for s in result.verification.sizes)
+    with torch.no_grad():
+        for shape in larger:
+            assert shape[2:] != loaded.example_input.shape[2:]
+            model(torch.randn(shape))  # the original's spatial part accepts it (else this raises)
+
+
+def test_squeeze_excite_is_global_context_so_positions_are_not_crops(example_path):
+    loaded = mixfx.load_model(example_path("se_cnn"))
+    result = mixfx.rewrite(loaded.module, to="fcn", example_input=loaded.example_input)
+    assert result.verification.passed
+    assert result.score_map.global_context and not result.score_map.padding_free
+    assert any("global context" in n for n in result.notes)
