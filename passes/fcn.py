@@ -25,7 +25,6 @@ still run, but a position of the map would not be a sliding-window classificatio
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -325,8 +324,10 @@ class Convolutionalise(RewritePass):
         # a pooled summary broadcast back onto the map (a squeeze-excite gate) is not the head
         collapse = [n for n in collapse if not any(self._varying(d) for d in fu.descendants([n]))]
         if not collapse:
+            said = getattr(self.report, "head", None)
+            said = f" (the analyser puts the head at `{said.module or said.node}`)" if said is not None else ""
             raise FcnError(f"no head found: the output {list(self.run.shapes[result])} does not come from a node that "
-                           "pools or flattens a map (it does not depend on the input size at all?).")
+                           f"pools or flattens a map that grows with the input{said}.")
         chain: set[Node] = set()
         maps: set[Node] = set()
         stack = [a for c in collapse for a in c.all_input_nodes if self._varying(a)]
@@ -453,12 +454,16 @@ class Convolutionalise(RewritePass):
         last = _Form("vec") if fin == _Form("vec") and len(shape_out) == 2 else (
             fin if fin.kind == "grid" and fin.layout == "nhwc" else None)
         if last is not None and all(forms[a] == fin for a in ins):
-            yield _Candidate(f"{_op_name(gm, n)} per position (channels-last)",
-                             lambda *ms: self._call_with(n, ins, [m.permute(0, 2, 3, 1) for m in ms]).permute(0, 3, 1, 2),
+            def channels_last(*ms: torch.Tensor) -> torch.Tensor:
+                return self._call_with(n, ins, [m.permute(0, 2, 3, 1) for m in ms]).permute(0, 3, 1, 2)
+
+            yield _Candidate(f"{_op_name(gm, n)} per position (channels-last)", channels_last,
                              self._emit_channels_last(n, ins), last)
         if fin == _Form("vec") and len(shape_out) == 2 and all(forms[a] == fin for a in ins):
-            yield _Candidate(f"{_op_name(gm, n)} per position ([N, C, h*w])",
-                             lambda *ms: self._call_with(n, ins, [m.flatten(2) for m in ms]).unflatten(2, ms[0].shape[2:]),
+            def positions_flat(*ms: torch.Tensor) -> torch.Tensor:
+                return self._call_with(n, ins, [m.flatten(2) for m in ms]).unflatten(2, ms[0].shape[2:])
+
+            yield _Candidate(f"{_op_name(gm, n)} per position ([N, C, h*w])", positions_flat,
                              self._emit_positions_flat(n, ins), _Form("vec"))
 
     def _linear_candidate(self, n: Node, fin: _Form, c_in: int, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -315,3 +315,10 @@ def test_squeeze_excite_is_global_context_so_positions_are_not_crops(example_pat
     assert result.verification.passed
     assert result.score_map.global_context and not result.score_map.padding_free
     assert any("global context" in n for n in result.notes)
+
+
+def test_refuses_global_attention_even_with_analyze_false(example_path):
+    loaded = mixfx.load_model(example_path("vit_interp_pos"))  # polymorphic: global attention, no rigid node
+    with pytest.raises(MixfxError) as info:
+        mixfx.rewrite(loaded.module, to="fcn", example_input=loaded.example_input, analyze=False)
+    assert info.value.exit_code == EXIT_VERIFY and "mixes positions globally" in info.value.message
