@@ -53,7 +53,7 @@ class RewriteResult:
 
     def to_dict(self) -> dict:
         extra = {"score_map": self.score_map.to_dict()} if self.score_map is not None else {}
-        return extra | {
+        return {
             "target": self.target,
             "passes": list(self.passes),
             "changes": [c.to_dict() for c in self.changes],
@@ -66,7 +66,7 @@ class RewriteResult:
             "rigid_after": list(self.rigid_after),
             "module_counts": module_counts(self.module),
             "timings": dict(self.timings),
-        }
+        } | extra
 
 
 def module_counts(module: nn.Module) -> dict[str, int]:

@@ -139,6 +139,27 @@ def test_vgg_with_padding_runs_larger_and_says_why_crops_differ():
     assert score.shape == (1, 10, 5, 3)  # feature map 22x18 -> pooled 11x9 -> 7x7 conv
     assert result.score_map.padded_at and not result.score_map.padding_free
     assert any("pads the crop's own borders" in n for n in result.notes)
+    # the receptive field the score map reports, against perturbations of single input rows/cols
+    (sy, sx), (oy, ox), (ry, rx) = result.score_map.stride, result.score_map.offset, result.score_map.receptive_field
+    base = torch.randn(1, 3, 120, 120)
+    with torch.no_grad():
+        ref = result.module(base)
+        for i, j in ((0, 0), (2, 3)):
+            last_row, last_col = i * sy + oy + ry - 1, j * sx + ox + rx - 1
+            for row, inside in ((last_row, True), (last_row + 1, False)):
+                x = base.clone()
+                x[:, :, row, :] += 100.0
+                assert bool((result.module(x)[:, :, i, j] != ref[:, :, i, j]).any()) == inside, (i, j, row)
+            for col, inside in ((last_col, True), (last_col + 1, False)):
+                x = base.clone()
+                x[:, :, :, col] += 100.0
+                assert bool((result.module(x)[:, :, i, j] != ref[:, :, i, j]).any()) == inside, (i, j, col)
+            if i:  # the first row of the field (offset) too, where it is inside the input
+                first = i * sy + oy
+                for row, inside in ((first, True), (first - 1, False)):
+                    x = base.clone()
+                    x[:, :, row, :] += 100.0
+                    assert bool((result.module(x)[:, :, i, j] != ref[:, :, i, j]).any()) == inside, (i, j, row)
 
 
 def test_uneven_adaptive_windows_are_refused_with_the_reason():
