@@ -39,7 +39,8 @@ from passes import _fxutil as fu
 from passes._fcn_geometry import Axis, Geometry, map_geometry
 from passes.base import Change, RewritePass, RewritePassResult
 
-PROBE_EXTRA = (1, 2)  # probe maps are this many positions larger than the window (H != W)
+# probe maps are the window (the example's case) and this many positions larger (H != W, and 1-wide)
+PROBE_EXTRAS = ((0, 0), (1, 2), (0, 2), (1, 0))
 
 
 class FcnError(MixfxError):
@@ -109,9 +110,9 @@ class FcnPlan:
 
     def window_of(self, features: torch.Tensor, i: int, j: int) -> torch.Tensor:
         (h, w), (sh, sw) = self.window, self.head_stride
-        if self.layout == "nhwc":
-            return features[:, i * sh:i * sh + h, j * sw:j * sw + w, :]
-        return features[..., i * sh:i * sh + h, j * sw:j * sw + w]
+        if self.layout == "nhwc":  # contiguous: the original head may `view` it
+            return features[:, i * sh:i * sh + h, j * sw:j * sw + w, :].contiguous()
+        return features[..., i * sh:i * sh + h, j * sw:j * sw + w].contiguous()
 
 
 # --- forms: how a converted map relates to the original value --------------------------------
@@ -237,7 +238,7 @@ class Convolutionalise(RewritePass):
             already = self._varying(result) and len(out_shape) == 4
             raise FcnError(
                 f"the model's output {list(out_shape)} is " + (
-                    "already a map that grows with the input (fully convolutional): nothing to convert."
+                    "a map that grows with the input: the model is already fully convolutional, nothing to convert."
                     if already else "not [N, K] class scores: --to fcn converts a classifier's head."),
                 None if already else "Wrap the model so that it returns [N, K] logits.")
         try:
@@ -246,7 +247,7 @@ class Convolutionalise(RewritePass):
             changes, form_stride = self._convert(features, head, result, out_node)
         except FcnError as exc:
             raise self._explained(exc) from None
-        converted = [c.module or c.node for c in changes if c.module or c.node]
+        converted = [n.name for n in head] + [str(n.target) for n in head if n.op == "call_module"]
         self._refuse_unconverted_rigid(converted)
         fu.prune_unused(gm)
         gm.graph.lint()
@@ -264,8 +265,6 @@ class Convolutionalise(RewritePass):
         r = self.report
         if r is None:
             return
-        if getattr(r, "fully_convolutional", False):
-            raise FcnError(f"the model is already fully convolutional (output {r.output_shape}): nothing to convert.")
         mixing = list(getattr(r, "global_mixing", []) or [])
         if mixing:
             g = mixing[0]
@@ -302,8 +301,14 @@ class Convolutionalise(RewritePass):
 
     # -- which nodes are the head --
     def _varying(self, node: Node) -> bool:
+        """Its shape follows the input size, positions kept apart from the batch. A view that folds
+        positions into the batch dim (`x.view(-1, 16 * 5 * 5)` of the PyTorch tutorial, a window
+        partition) does not count: what follows sees a fixed-size vector."""
         s1, s2 = self.small.shapes.get(node.name), self.big.shapes.get(node.name)
-        return s1 is not None and s2 is not None and s1 != s2
+        if s1 is None or s2 is None or s1 == s2:
+            return False
+        tensor = isinstance(s1, tuple) and all(isinstance(d, int) for d in s1)
+        return not tensor or len(s1) != len(s2) or s1[0] == s2[0]
 
     def _layout(self, node: Node) -> str | None:
         """"nchw"/"nhwc" for a map (rank 4, batch and one other dim fixed, two adjacent dims varying)."""
@@ -518,36 +523,38 @@ class Convolutionalise(RewritePass):
 
     # -- probing --
     def _probe(self, n: Node, ins: list[Node], forms: dict[Node, _Form], cand: _Candidate) -> tuple[bool, str]:
-        """Whether `cand` on random maps reproduces `n` on every window (a few positions)."""
+        """Whether `cand` reproduces `n` on every window of random maps: of the example's size (one
+        window, as at the example input: a squeeze of a 1x1 map shows there) and larger ones."""
         gen = torch.Generator().manual_seed(0)
         fin = forms[ins[0]]
-        (gh, gw), (sh, sw), (eh, ew) = fin.window, cand.stride, PROBE_EXTRA
-        dtype = next((t.dtype for t in self.gm.parameters()), torch.float32)
-        ms = [torch.randn(self.n, forms[a].channels(self.run.shapes[a]), gh + sh * eh, gw + sw * ew,
-                          generator=gen).to(dtype) for a in ins]
-        try:
-            with torch.no_grad():
-                out = cand.impl(*[m.clone() for m in ms])
-        except Exception:  # noqa: BLE001 - this form does not apply
-            return False, ""
+        (gh, gw), (sh, sw) = fin.window, cand.stride
         (oh, ow) = cand.out_form.window
-        for i in range(eh + 1):
-            for j in range(ew + 1):
-                wins = [forms[a].original(m[..., i * sh:i * sh + gh, j * sw:j * sw + gw]).clone()
-                        for a, m in zip(ins, ms)]
-                try:
-                    with torch.no_grad():
-                        ref = self._call_with(n, ins, wins)
-                except Exception as exc:  # noqa: BLE001
-                    return False, f"the op fails on a window of the map ({type(exc).__name__}: {exc})"[:200]
-                if out.dim() != 4 or out.shape[2] < i + oh or out.shape[3] < j + ow:
-                    return False, ""
-                got = cand.out_form.original(out[..., i:i + oh, j:j + ow])
-                if not isinstance(ref, torch.Tensor) or ref.shape != got.shape:
-                    return False, ""
-                tol = 1e-5 * (1.0 + float(ref.detach().abs().max())) if ref.numel() else 0.0
-                if not torch.allclose(ref, got, rtol=1e-4, atol=tol, equal_nan=True):
-                    return False, ""
+        dtype = next((t.dtype for t in self.gm.parameters()), torch.float32)
+        for eh, ew in PROBE_EXTRAS:
+            ms = [torch.randn(self.n, forms[a].channels(self.run.shapes[a]), gh + sh * eh, gw + sw * ew,
+                              generator=gen).to(dtype) for a in ins]
+            try:
+                with torch.no_grad():
+                    out = cand.impl(*[m.clone() for m in ms])
+            except Exception:  # noqa: BLE001 - this form does not apply
+                return False, ""
+            if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[2:]) != (eh + oh, ew + ow):
+                return False, ""
+            for i in range(eh + 1):
+                for j in range(ew + 1):
+                    wins = [forms[a].original(m[..., i * sh:i * sh + gh, j * sw:j * sw + gw]).clone()
+                            for a, m in zip(ins, ms)]
+                    try:
+                        with torch.no_grad():
+                            ref = self._call_with(n, ins, wins)
+                    except Exception as exc:  # noqa: BLE001
+                        return False, f"the op fails on a window of the map ({type(exc).__name__}: {exc})"[:200]
+                    got = cand.out_form.original(out[..., i:i + oh, j:j + ow])
+                    if not isinstance(ref, torch.Tensor) or ref.shape != got.shape:
+                        return False, ""
+                    tol = 1e-5 * (1.0 + float(ref.detach().abs().max())) if ref.numel() else 0.0
+                    if not torch.allclose(ref, got, rtol=1e-4, atol=tol, equal_nan=True):
+                        return False, ""
         return True, ""
 
     def _value(self, a: Any) -> Any:

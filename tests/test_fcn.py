@@ -343,3 +343,76 @@ def test_refuses_global_attention_even_with_analyze_false(example_path):
     with pytest.raises(MixfxError) as info:
         mixfx.rewrite(loaded.module, to="fcn", example_input=loaded.example_input, analyze=False)
     assert info.value.exit_code == EXIT_VERIFY and "mixes positions globally" in info.value.message
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch CIFAR tutorial's net: `x.view(-1, 16 * 5 * 5)` folds positions into the batch
+    at other sizes instead of failing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.pool, self.conv2 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2, 2), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(nn.functional.relu(self.conv1(x)))
+        x = self.pool(nn.functional.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        return self.fc3(nn.functional.relu(self.fc2(nn.functional.relu(self.fc1(x)))))
+
+
+class GlobalPoolNet(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 12, 3))
+        self.pool = pool
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(x)))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def crops_equal_everywhere(model: nn.Module, result, example: tuple[int, int], big: torch.Tensor) -> tuple:
+    (h, w), (sy, sx) = example, result.score_map.stride
+    with torch.no_grad():
+        score = result.module(big)
+        for i in range(score.shape[2]):
+            for j in range(score.shape[3]):
+                crop = big[..., sy * i:sy * i + h, sx * j:sx * j + w]
+                assert crop.shape[2:] == (h, w)
+                assert rel_err(score[:, :, i, j], model(crop)) <= 1e-5, (i, j)
+    return tuple(score.shape[2:])
+
+
+def test_tutorial_view_minus_one_head_converts():
+    torch.manual_seed(0)
+    model = TutorialNet().eval()
+    result = fcn(model, torch.randn(2, 3, 32, 32))
+    assert result.score_map.stride == (4, 4)
+    assert crops_equal_everywhere(model, result, (32, 32), torch.randn(2, 3, 44, 48)) == (4, 5)
+
+
+@pytest.mark.parametrize("pool", [
+    Lambda(lambda x: x.mean((2, 3))),
+    Lambda(lambda x: torch.amax(x, dim=(-2, -1))),
+    Lambda(lambda x: x.sum(dim=(2, 3))),
+    nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten()),
+    Lambda(lambda x: nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)),
+    Lambda(lambda x: nn.functional.avg_pool2d(x, x.shape[2:]).squeeze(-1).squeeze(-1)),
+    Lambda(lambda x: 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))),  # timm's avgmax
+], ids=["mean", "amax", "sum", "adaptive_max", "functional_adaptive_avg", "avg_pool_full_kernel", "avgmax"])
+def test_global_pools_become_stride_1_pools(pool):
+    torch.manual_seed(0)
+    model = GlobalPoolNet(pool).eval()
+    result = fcn(model, torch.randn(1, 3, 21, 17))
+    assert result.score_map.stride == (2, 2) and result.score_map.padding_free
+    assert crops_equal_everywhere(model, result, (21, 17), torch.randn(1, 3, 27, 25)) == (4, 5)
