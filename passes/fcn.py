@@ -661,7 +661,7 @@ def _adaptive_windows(size: int, out: int) -> tuple[int, int] | str:
         return next(iter(sizes)), next(iter(steps))
     return (f"its windows from {size} to {out} positions are uneven at the example size (starts {starts}, "
             f"sizes {[e - s for s, e in zip(starts, ends)]}), so no fixed pool reproduces it; use an example "
-            f"input whose feature map is a multiple of {out} (or at least {out}) positions")
+            f"input whose feature map there is a multiple of {out} positions")
 
 
 def _pool_module(kind: str, kernel: tuple[int, int], stride: tuple[int, int]) -> nn.Module:

@@ -178,6 +178,8 @@ def test_resnet_global_pool_map_positions_are_the_original_head_on_windows():
     x = torch.randn(1, 3, 64, 96)  # layer4 is 2x3: the global pool's window
     result = fcn(model, x)
     assert result.verification.passed and result.classification_after == "convolutional"
+    pool = result.module.get_submodule("avgpool")  # global pooling: a pool over the example's window
+    assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == (2, 3) and pool.stride == (1, 1)
     with torch.no_grad():
         assert rel_err(result.module(x)[:, :, 0, 0], model(x)) <= 1e-5
         big = torch.randn(1, 3, 160, 128)
