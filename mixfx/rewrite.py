@@ -272,7 +272,8 @@ def rewrite(
         if bad is not None:
             where = f" at input {'x'.join(map(str, bad.input_shape))}"
             where += f": {bad.error}" if bad.error else (
-                f": max abs err {bad.max_abs_err:.3g} > {atol:g} + {rtol:g} * {bad.ref_scale:.3g}")
+                f": max abs err {bad.max_abs_err:.3g} > {verification.tolerance['atol']:g} + "
+                f"{verification.tolerance['rtol']:g} * {bad.ref_scale:.3g}")
         exc = VerificationError(
             f"the rewritten {type(model).__name__} is not equivalent to the original{where}. Nothing was written.",
             "Run with --only to narrow down which pass is responsible, and report the model if it is a mixfx bug.")

@@ -418,3 +418,24 @@ def test_global_pools_become_stride_1_pools(pool):
     result = fcn(model, torch.randn(1, 3, 21, 17))
     assert result.score_map.stride == (2, 2) and result.score_map.padding_free
     assert crops_equal_everywhere(model, result, (21, 17), torch.randn(1, 3, 27, 25)) == (4, 5)
+
+
+def test_verification_catches_a_wrong_flatten_order():
+    from mixfx.rewrite import _trace, verify_fcn
+    from passes._fxutil import annotate_example_inputs, clear_example_inputs
+    from passes.fcn import Convolutionalise
+
+    torch.manual_seed(0)
+    model = OverFeatNet().eval()
+    x = torch.randn(1, 3, 54, 54)
+    gm = _trace(model, (), x)
+    annotate_example_inputs(gm, x)
+    fcn_pass = Convolutionalise()
+    gm = fcn_pass(gm).graph_module
+    clear_example_inputs(gm)
+    assert verify_fcn(model, gm, x, fcn_pass.plan)[0].passed
+    conv = gm.get_submodule("classifier.1")
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight.transpose(2, 3).clone())  # flatten order C,w,h instead of C,h,w
+    verification, _ = verify_fcn(model, gm, x, fcn_pass.plan)
+    assert not verification.passed and verification.max_rel_err > 1e-3
