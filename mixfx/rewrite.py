@@ -5,6 +5,8 @@ Verification always runs (see `mixfx.verify` for the tolerance); when the rewrit
 equivalent, `VerificationError` (exit code 4) is raised and nothing is returned to be saved.
 Where the model accepts more than one input size (the analyser says `convolutional` or
 `polymorphic`, or the original simply runs there), it is also verified at a second size.
+`--to fcn` changes the output from [N, K] to [N, K, h, w], so it has its own verification
+(`verify_fcn`, at the end of this module).
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from torch.fx import GraphModule
 
 from mixfx import progress
 from mixfx.errors import EXIT_VERIFY, MixfxError, UsageError, VerificationError
-from mixfx.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verification, random_input, verify
+from mixfx.verify import DEFAULT_ATOL, DEFAULT_RTOL, SizeCheck, Verification, random_input, verify
 from passes import Change, RewritePass, RewritePassResult, Skip, passes_for
 from passes.modules import ChannelLayerNorm, channel_layer_norm
 from passes._fxutil import annotate_example_inputs, clear_example_inputs, permutation_of, propagate_shapes
 
-TARGETS = ("conv", "linear")
+TARGETS = ("conv", "linear", "fcn")
 
 
 class PassError(MixfxError):
@@ -48,8 +50,10 @@ class RewriteResult:
     timings: dict[str, float] = field(default_factory=dict)
     rigid_before: list[str] = field(default_factory=list)
     rigid_after: list[str] = field(default_factory=list)
+    score_map: Any = None  # --to fcn: passes.fcn.ScoreMap (stride, offset, output formula)
 
     def to_dict(self) -> dict:
+        extra = {"score_map": self.score_map.to_dict()} if self.score_map is not None else {}
         return {
             "target": self.target,
             "passes": list(self.passes),
@@ -63,7 +67,7 @@ class RewriteResult:
             "rigid_after": list(self.rigid_after),
             "module_counts": module_counts(self.module),
             "timings": dict(self.timings),
-        }
+        } | extra
 
 
 def module_counts(module: nn.Module) -> dict[str, int]:
@@ -172,7 +176,8 @@ def rewrite(
     rtol: float = DEFAULT_RTOL,
     reference_outputs: dict | None = None,
 ) -> RewriteResult:
-    """Rewrite `model` towards `to` ("conv": Linear -> 1x1 conv; "linear": 1x1 conv -> Linear).
+    """Rewrite `model` towards `to` ("conv": Linear -> 1x1 conv; "linear": 1x1 conv -> Linear;
+    "fcn": the classifier's head -> convolutions, output [N, K, h, w]; always analysed first).
 
     `passes` overrides the default pipeline (`passes.passes_for(to, only)`). `verify_sizes` gives
     the extra input shapes to verify at (default: a second size when the model takes one).
@@ -181,7 +186,7 @@ def rewrite(
     runs the original once per verification input (see `mixfx.verify.verify`). Raises `VerificationError`
     when the result is not equivalent and `PassError` when a pass fails."""
     if to not in TARGETS:
-        raise UsageError(f"unknown rewrite target {to!r}.", "Use --to conv or --to linear.")
+        raise UsageError(f"unknown rewrite target {to!r}.", "Use --to conv, --to linear or --to fcn.")
     if example_input is None:
         example_input = random_input(tuple(input_shape) if input_shape else (1, 3, 224, 224))
     timings: dict[str, float] = {}
@@ -190,13 +195,16 @@ def rewrite(
     model.eval()
     try:
         progress.stage("analysing the original")
-        report_before = _analyse(model, example_input, leaves) if analyze else None
+        report_before = _analyse(model, example_input, leaves) if analyze or to == "fcn" else None
         timings["analyse_before_s"] = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
         gm = _trace(model, leaves, example_input)
         timings["trace_s"] = time.perf_counter() - t0
         pipeline = list(passes) if passes is not None else default_passes(to, only)
+        for p in pipeline:  # --to fcn refuses what the analysis calls not convolutional
+            if hasattr(p, "report") and getattr(p, "report", None) is None:
+                p.report = report_before
         annotate_example_inputs(gm, example_input)
         changes: list[Change] = []
         skipped: list[Skip] = []
@@ -225,14 +233,19 @@ def rewrite(
         timings["passes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if verify_sizes is None:
+        plan = next((p.plan for p in pipeline if getattr(p, "plan", None) is not None), None)
+        if plan is not None:
+            verification, fcn_notes = verify_fcn(model, gm, example_input, plan, rtol=rtol)
+            notes += fcn_notes
+        elif verify_sizes is None:
             classification = getattr(report_before, "classification", None)
             candidates = [] if classification == "fixed" else second_sizes(example_input)[:2]
             extra = next(([s] for s in candidates if _runs(model, example_input, s)), [])
         else:
             extra = [tuple(s) for s in verify_sizes]
-        verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol,
-                              reference_outputs=reference_outputs)
+        if plan is None:
+            verification = verify(model, gm, example_input, extra_sizes=extra, atol=atol, rtol=rtol,
+                                  reference_outputs=reference_outputs)
         timings["verify_s"] = time.perf_counter() - t0
         if verification.float64_sizes:
             notes.append("verification: " + verification.summary().split("; ", 1)[-1]
@@ -256,14 +269,16 @@ def rewrite(
         classification_before=getattr(report_before, "classification", None),
         classification_after=getattr(report_after, "classification", None),
         passes=[getattr(p, "name", type(p).__name__) for p in pipeline], timings=timings,
-        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after))
+        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after),
+        score_map=getattr(plan, "score_map", None))
     if not verification.passed:
         bad = next((s for s in verification.sizes if not s.passed), None)
         where = ""
         if bad is not None:
             where = f" at input {'x'.join(map(str, bad.input_shape))}"
             where += f": {bad.error}" if bad.error else (
-                f": max abs err {bad.max_abs_err:.3g} > {atol:g} + {rtol:g} * {bad.ref_scale:.3g}")
+                f": max abs err {bad.max_abs_err:.3g} > {verification.tolerance['atol']:g} + "
+                f"{verification.tolerance['rtol']:g} * {bad.ref_scale:.3g}")
         what = (f"could not be proven equivalent to the original: {verification.unproven}" if verification.unproven
                 else f"is not equivalent to the original{where}")
         hint = ("Load trained weights (or any whose outputs are not all zero) into the model and rewrite that."
@@ -293,3 +308,198 @@ def _runs(model: nn.Module, example_input: torch.Tensor, shape: Sequence[int]) -
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+# --- --to fcn: the output changes from [N, K] to [N, K, h, w] -----------------------------------
+
+FCN_RTOL = 1e-5  # relative to the output's scale, as everywhere in mixfx.verify
+FCN_MAX_POSITIONS = 16  # map positions compared per size (corners and edges first)
+
+
+class _MapAt00(nn.Module):
+    """The converted model's map at position (0, 0): `[N, K]`, the original's output shape."""
+
+    def __init__(self, fcn: nn.Module):
+        super().__init__()
+        self.fcn = fcn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fcn(x)[:, :, 0, 0]
+
+
+def verify_fcn(model: nn.Module, gm: GraphModule, example_input: torch.Tensor, plan: Any,
+               rtol: float = DEFAULT_RTOL) -> tuple[Verification, list[str]]:
+    """Checks of `--to fcn` (`plan`: `passes.fcn.FcnPlan`):
+
+    1. at the example size the map is 1x1 and equals the original's output (<= 1e-5 relative);
+    2. at two larger sizes it runs, has the size the score map's formula gives, and each map
+       position equals the original head run on its window of the feature map (computed by
+       the unchanged spatial part): the head rewrite is exact at every position, padding or not;
+    3. where the network is padding-free, map positions equal the original model run on the
+       matching input crop (reported in the notes; with padding the notes say how far they are
+       off and why)."""
+    tol = min(rtol, FCN_RTOL)
+    at00 = _MapAt00(gm).train(gm.training)  # verify restores this mode on the shared gm afterwards
+    first = verify(model, at00, example_input, atol=0.0, rtol=tol)
+    gm.eval()
+    plan.head.eval()
+    with torch.no_grad():
+        size = tuple(gm(example_input).shape[2:])
+    if size != (1, 1):
+        first.passed = False
+        first.sizes[0].passed = False
+        first.sizes[0].error = f"the map is {size[0]}x{size[1]} at the example size, not 1x1"
+    sizes = _larger_sizes(gm, plan, example_input)
+    checks = [_windows_check(gm, plan, s, example_input, tol) for s in sizes]
+    all_checks = first.sizes + checks
+    compared = [c for c in all_checks if c.error is None]
+    verification = Verification(
+        first.passed and all(c.passed for c in checks),
+        max((c.max_abs_err for c in all_checks), default=0.0), max((c.max_rel_err for c in all_checks), default=0.0),
+        {"atol": 0.0, "rtol": tol}, all_checks, first.seed, first.float64_sizes)
+    notes = [f"verification: at {_fmt(example_input.shape)} the 1x1 map equals the original's output; at "
+             + " and ".join(_fmt(s) for s in sizes) + " every map position checked equals the original head on its "
+             f"{plan.window[0]}x{plan.window[1]} window of `{plan.feature_map}` (stepping {plan.head_stride[0]}x"
+             f"{plan.head_stride[1]})"]
+    if verification.passed and compared:
+        notes += _crop_notes(model, gm, plan, sizes[0], example_input)
+    return verification, notes
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _stride_guess(example_input: torch.Tensor, plan: Any) -> tuple[int, int]:
+    """Where the geometry is unknown: input size over feature-map size, times the head's stride."""
+    h, w = example_input.shape[2:]
+    return (max(1, h // plan.window[0]) * plan.head_stride[0], max(1, w // plan.window[1]) * plan.head_stride[1])
+
+
+def _larger_sizes(gm: GraphModule, plan: Any, example_input: torch.Tensor) -> list[tuple[int, ...]]:
+    """Two larger input shapes (H != W) the spatial part accepts: the example grown by multiples
+    of the map's stride, the smallest two per axis that run on meta tensors up to the feature
+    map, so that a divisibility constraint ((H//4) % 7 == 0) is met. A failure after the feature
+    map is the head's, and left for the check to report."""
+    from mixfx.shapes import propagate_concrete
+    from passes._fxutil import ancestors
+
+    n, c, h, w = example_input.shape
+    sy, sx = plan.score_map.stride or _stride_guess(example_input, plan)
+    feature = next(node for node in gm.graph.nodes if node.name == plan.feature_map)
+    body = {a.name for a in ancestors([feature])}
+
+    def accepted(hh: int, ww: int) -> bool:
+        failure = propagate_concrete(gm, (n, c, hh, ww), allow_real=False).failure
+        return failure is None or failure.node not in body or failure.kind in ("data_dependent", "unsupported")
+
+    def steps(stride: int, grow) -> list[int]:
+        found: list[int] = []
+        for k in range(1, 17):
+            if accepted(*grow(k * stride)):
+                found.append(k * stride)
+                if len(found) == 2:
+                    return found
+        return [stride, 2 * stride]  # none found: the checks say where it fails
+
+    dh = steps(sy, lambda d: (h + d, w))
+    dw = steps(sx, lambda d: (h, w + d))
+    return [(n, c, h + dh[0], w + dw[1]), (n, c, h + dh[1], w + dw[0])]
+
+
+def _run_keeping(gm: GraphModule, node_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(value of node `node_name`, output) of one run of `gm`."""
+    kept: dict[str, Any] = {}
+
+    class _Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name == node_name:
+                kept["v"] = out
+            return out
+
+    with torch.no_grad():
+        out = _Keep(gm).run(x)
+    return kept["v"], out
+
+
+def _positions(h: int, w: int) -> list[tuple[int, int]]:
+    every = [(i, j) for i in range(h) for j in range(w)]
+    if len(every) <= FCN_MAX_POSITIONS:
+        return every
+    edges = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, w // 2), (0, w // 2), (h // 2, 0)]
+    gen = torch.Generator().manual_seed(0)
+    rest = [every[int(k)] for k in torch.randperm(len(every), generator=gen)[:FCN_MAX_POSITIONS - len(edges)]]
+    return list(dict.fromkeys(edges + rest))
+
+
+def _windows_check(gm: GraphModule, plan: Any, shape: Sequence[int], like: torch.Tensor, tol: float) -> SizeCheck:
+    shape = tuple(shape)
+    x = random_input(shape, like)
+    try:
+        features, out = _run_keeping(gm, plan.feature_map, x)
+    except Exception as exc:  # noqa: BLE001
+        return SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
+                         f"the converted model fails: {type(exc).__name__}: {exc}")
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return SizeCheck(shape, float("inf"), float("inf"), 0.0, False, "the output is not a [N, K, h, w] map")
+    expected = plan.score_map.output_shape
+    if expected:
+        want = tuple(eval(e, {}, {"H": shape[2], "W": shape[3]}) for e in expected[2:])  # noqa: S307 - our formula
+        if tuple(out.shape[2:]) != want:
+            return SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
+                             f"the map is {out.shape[2]}x{out.shape[3]}, the formula says {want[0]}x{want[1]}")
+    max_abs, scale = 0.0, 0.0
+    try:
+        with torch.no_grad():
+            for i, j in _positions(out.shape[2], out.shape[3]):
+                ref = plan.head(plan.window_of(features, i, j)).double()
+                got = out[:, :, i, j].double()
+                max_abs = max(max_abs, float((ref - got).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+    except Exception as exc:  # noqa: BLE001
+        return SizeCheck(shape, float("inf"), float("inf"), 0.0, False,
+                         f"the original head fails on a window: {type(exc).__name__}: {exc}")
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return SizeCheck(shape, max_abs, rel, scale, max_abs <= tol * scale)
+
+
+def _crop_notes(model: nn.Module, gm: GraphModule, plan: Any, shape: Sequence[int], like: torch.Tensor) -> list[str]:
+    """Map positions against the original run on the matching crop: equal for a padding-free
+    network; with padding (or global context) say how far off and why."""
+    sm = plan.score_map
+    if sm.stride is None:
+        return [f"the score map's geometry is unknown (at `{sm.unknown_at}`): positions were not compared "
+                "with crops"]
+    x = random_input(tuple(shape), like)
+    h, w = like.shape[2:]
+    (sy, sx), (oy, ox) = sm.stride, sm.offset
+    with torch.no_grad():
+        out = gm(x)
+        spots = _positions(out.shape[2], out.shape[3])
+        if not sm.padding_free:
+            spots = spots[:2]
+        max_abs, scale = 0.0, 0.0
+        for i, j in spots:
+            top, left = i * sy + max(oy, 0), j * sx + max(ox, 0)
+            ref = model(x[..., top:top + h, left:left + w]).double()
+            max_abs = max(max_abs, float((ref - out[:, :, i, j].double()).abs().max()))
+            scale = max(scale, float(ref.abs().max()))
+    rel = max_abs / scale if scale > 0 else 0.0
+    where = f"{len(spots)} positions at {_fmt(shape)}, crop x[..., {sy}i:{sy}i+{h}, {sx}j:{sx}j+{w}]"
+    if sm.padding_free:
+        verdict = "equals" if rel <= FCN_RTOL else f"DIFFERS from (max rel err {rel:.3g})"
+        return [f"padding-free: each map position {verdict} the original run on its crop ({where}; max rel err "
+                f"{rel:.3g})"]
+    why = []
+    if sm.padded_at:
+        why.append(f"the network pads ({', '.join(f'`{n}`' for n in sm.padded_at[:3])}"
+                   + (f" and {len(sm.padded_at) - 3} more" if len(sm.padded_at) > 3 else "")
+                   + "): a crop run pads the crop's own borders with zeros where the larger input has real pixels, "
+                   "so every position whose receptive field reaches a crop border differs (here the receptive field "
+                   f"is {sm.receptive_field[0]}x{sm.receptive_field[1]}, the crop {h}x{w})")
+    if sm.global_context:
+        why.append(f"global context ({', '.join(f'`{n}`' for n in sm.global_context[:3])}) pools over the whole "
+                   "input, not the crop")
+    return ["map positions are the dense evaluation, not crop runs: " + "; ".join(why)
+            + f" (measured at {where}: max rel err {rel:.3g})"]

@@ -2,7 +2,8 @@
 
 `passes_for("conv")` / `passes_for("linear")` give the default pipeline for each direction:
 patch embeddings first (a patchify Linear must be recognised before it is turned into a 1x1
-conv), then the dense layers, then the shared layout clean-up.
+conv), then the dense layers, then the shared layout clean-up. `passes_for("fcn")` is the one
+head-convolutionalising pass (`passes.fcn`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ __all__ = ["Change", "Skip", "RewritePass", "RewritePassResult", "passes_for", "
 # --only PATTERN matches a group name or a pass name (glob).
 PASS_GROUPS = {"patchify": ("patchify_to_conv", "conv_to_patchify"),
                "dense": ("linear_to_conv", "conv_to_linear"),
-               "layout": ("layout",)}
+               "layout": ("layout",),
+               "fcn": ("fcn",)}
 
 
 def _all_passes(target: str) -> list[RewritePass]:
@@ -31,7 +33,11 @@ def _all_passes(target: str) -> list[RewritePass]:
         from passes.conv_to_patchify import ConvToPatchify
 
         return [ConvToPatchify(), ConvToLinear(), LayoutCleanup()]
-    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv' or 'linear'")
+    if target == "fcn":
+        from passes.fcn import Convolutionalise
+
+        return [Convolutionalise()]
+    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv', 'linear' or 'fcn'")
 
 
 def passes_for(target: str, only: str | None = None) -> list[RewritePass]:
@@ -45,6 +51,7 @@ def passes_for(target: str, only: str | None = None) -> list[RewritePass]:
         if fnmatch.fnmatch(group, only):
             names.update(members)
     keep = [p for p in selected if p.name in names or fnmatch.fnmatch(p.name, only)]
-    if keep and not any(p.name == "layout" for p in keep):
-        keep.append(next(p for p in selected if p.name == "layout"))
+    layout = [p for p in selected if p.name == "layout"]
+    if keep and layout and not any(p.name == "layout" for p in keep):
+        keep.append(layout[0])
     return keep

@@ -18,6 +18,7 @@ from mixfx.errors import UsageError
 TARGET_HELP = {
     "conv": "every Linear becomes a 1x1 conv, a patchify (reshape + Linear) a strided conv",
     "linear": "every 1x1 conv becomes a Linear, a strided patch conv a patchify + Linear",
+    "fcn": "a classifier's head becomes convolutions: output [N, K, h, w], a score map on larger inputs",
 }
 FORMATS_HELP = ("pt: the torch.save'd GraphModule (load it with torch.load(path, weights_only=False)); "
                 "folder: readable module.py + state_dict.pt, importable as a package (README, Saved outputs).")
@@ -195,7 +196,14 @@ def render_result(result: Any, name: str) -> None:
     for (pass_name, text), names in groups.items():
         print_group(len(names), f"{pass_name}  {text}", names if pass_name != "layout" else [])
     _render_skipped(result)
+    score_map = result.score_map.describe() if result.score_map is not None else None  # --to fcn
+    if score_map:
+        for line in textwrap.wrap(score_map, _width(), subsequent_indent="  ", break_long_words=False,
+                                  break_on_hyphens=False):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     for note in result.notes:
+        if note == score_map:
+            continue
         for i, line in enumerate(textwrap.wrap(f"note: {note}", _width(), subsequent_indent="      ",
                                                break_long_words=False, break_on_hyphens=False)):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -235,5 +243,6 @@ def render_result(result: Any, name: str) -> None:
             for line in textwrap.wrap(print_group_line, _width(), subsequent_indent=" " * 9,
                                       break_long_words=False, break_on_hyphens=False):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
-        if result.classification_after and result.classification_after != result.classification_before:
+        if (result.classification_after and result.classification_after != result.classification_before
+                and result.target != "fcn"):  # fcn: a flatten + Linear head made fixed, converted it is not
             console.print("[bold yellow]warning:[/] the classification changed under the rewrite")
