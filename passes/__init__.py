@@ -15,7 +15,8 @@ __all__ = ["Change", "Skip", "RewritePass", "RewritePassResult", "passes_for", "
 # --only PATTERN matches a group name or a pass name (glob).
 PASS_GROUPS = {"patchify": ("patchify_to_conv", "conv_to_patchify"),
                "dense": ("linear_to_conv", "conv_to_linear"),
-               "layout": ("layout",)}
+               "layout": ("layout",),
+               "cure": ("cure",)}
 
 
 def _all_passes(target: str) -> list[RewritePass]:
@@ -31,7 +32,11 @@ def _all_passes(target: str) -> list[RewritePass]:
         from passes.conv_to_patchify import ConvToPatchify
 
         return [ConvToPatchify(), ConvToLinear(), LayoutCleanup()]
-    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv' or 'linear'")
+    if target == "polymorphic":
+        from passes.cure import Cure
+
+        return [Cure()]
+    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv', 'linear' or 'polymorphic'")
 
 
 def passes_for(target: str, only: str | None = None) -> list[RewritePass]:
@@ -45,6 +50,6 @@ def passes_for(target: str, only: str | None = None) -> list[RewritePass]:
         if fnmatch.fnmatch(group, only):
             names.update(members)
     keep = [p for p in selected if p.name in names or fnmatch.fnmatch(p.name, only)]
-    if keep and not any(p.name == "layout" for p in keep):
+    if keep and not any(p.name == "layout" for p in keep) and any(p.name == "layout" for p in selected):
         keep.append(next(p for p in selected if p.name == "layout"))
     return keep

@@ -1,0 +1,182 @@
+"""Cure: a fixed-size table added to the tokens or to a map (a position embedding, a coordinate
+buffer) is resampled to the runtime grid.
+
+What the node does decides, not what it is called: an add whose one operand depends on the input
+and whose other operand is a constant subgraph (parameters, buffers, slices of them) that stops
+matching at another input size. The runtime grid comes from the graph: `size()` nodes read off
+the nearest map `[B, C, h, w]` (or `[B, h, w, C]`) the tokens were flattened from. The resampling
+is timm's `resample_abs_pos_embed` (prefix tokens kept, bicubic, antialiased), and the table is
+returned unchanged at the example grid, so outputs there are bit-equal to the original's.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from passes._cure_probe import Probe, constant_roots, depends_on_input, nearest_grids
+
+ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _same_grid(size: tuple, example: tuple) -> bool:
+    """True at the example grid with concrete sizes; never decided on symbolic sizes (the
+    analyser's symbolic run must not see a branch that would pin the grid to one size)."""
+    return all(isinstance(s, int) for s in size) and tuple(size) == tuple(example)
+
+
+def _interpolate(grid: torch.Tensor, size: tuple, mode: str) -> torch.Tensor:
+    dtype = grid.dtype
+    if mode == "linear":  # coordinate ramps: end points kept, a linspace stays a linspace
+        out = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=True)
+    else:
+        out = F.interpolate(grid.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.to(dtype)
+
+
+def resample_token_table(table: torch.Tensor, h, w, example_grid: tuple[int, int], token_dim: int,
+                         prefix: int, mode: str = "bicubic") -> torch.Tensor:
+    """`table` holds `prefix + gh*gw` entries along `token_dim` (row-major grid after the prefix
+    tokens): the grid part resampled to `h x w`, prefix kept. Unchanged at the example grid."""
+    if _same_grid((h, w), example_grid):
+        return table
+    t = table.movedim(token_dim, -1)
+    lead = t.shape[:-1]
+    flat = t.reshape(1, -1, t.shape[-1])
+    head, grid = flat[..., :prefix], flat[..., prefix:]
+    grid = _interpolate(grid.reshape(1, flat.shape[1], example_grid[0], example_grid[1]), (h, w), mode)
+    out = torch.cat([head, grid.reshape(1, flat.shape[1], h * w)], dim=-1)
+    return out.reshape(*lead, prefix + h * w).movedim(-1, token_dim)
+
+
+def resample_map_table(table: torch.Tensor, h, w, dims: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """`table` is a map whose dims `dims` are the grid: resampled to `h x w`. Unchanged at its own size."""
+    if _same_grid((h, w), (table.shape[dims[0]], table.shape[dims[1]])):
+        return table
+    t = table.movedim(dims, (-2, -1))
+    lead = t.shape[:-2]
+    grid = _interpolate(t.reshape(1, -1, t.shape[-2], t.shape[-1]), (h, w), mode)
+    return grid.reshape(*lead, h, w).movedim((-2, -1), dims)
+
+
+def _is_add(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in ADDS
+            or node.op == "call_method" and node.target in ("add", "add_"))
+
+
+def _affine_ramp(values: torch.Tensor, dims: tuple[int, int]) -> bool:
+    """A coordinate buffer: every value is affine along both grid axes (a linspace/arange grid)."""
+    t = values.detach().double().movedim(dims, (-2, -1))
+    if t.shape[-1] < 3 or t.shape[-2] < 3:
+        return False
+    d2h, d2w = t.diff(n=2, dim=-2), t.diff(n=2, dim=-1)
+    scale = float(t.abs().max()) or 1.0
+    return float(d2h.abs().max()) <= 1e-6 * scale and float(d2w.abs().max()) <= 1e-6 * scale
+
+
+def _mode(gm: GraphModule, table: Node, dims_in_table: tuple[int, int] | None) -> str:
+    """Bicubic for learned tables (timm's choice); linear with end points kept for a buffer that
+    is an affine coordinate ramp (bicubic would bend it)."""
+    params = {k for k, _ in gm.named_parameters()}
+    roots = constant_roots(table)
+    if dims_in_table is None or any(r.target in params for r in roots):
+        return "bicubic"
+    try:
+        value = _evaluate_constant(gm, table)
+    except Exception:  # noqa: BLE001
+        return "bicubic"
+    return "linear" if _affine_ramp(value, dims_in_table) else "bicubic"
+
+
+def _evaluate_constant(gm: GraphModule, node: Node) -> torch.Tensor:
+    """The value of a constant subgraph (no input), computed by running just that subgraph."""
+    env: dict[Node, object] = {}
+    order = [n for n in gm.graph.nodes if n in _ancestors(node)]
+    interp = torch.fx.Interpreter(gm)
+    with torch.no_grad():
+        for n in order:
+            interp.env = env
+            env[n] = interp.run_node(n)
+    return env[node]
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
+    """Resample the constant operand of the failing add `node` to the runtime grid. Returns a
+    description of the change, or None when `node` is not such an add (or the grid is unknown)."""
+    if not _is_add(node) or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, Node) and isinstance(b, Node)):
+        return None
+    if depends_on_input(a) and not depends_on_input(b):
+        data, table = a, b
+    elif depends_on_input(b) and not depends_on_input(a):
+        data, table = b, a
+    else:
+        return None
+    data_shape, table_shape = probe.shape(data), probe.shape(table)
+    changed = probe.changed_dims(data)
+    if data_shape is None or table_shape is None or not changed:
+        return None
+    offset = len(data_shape) - len(table_shape)  # broadcasting aligns from the right
+    if offset < 0:
+        return None
+    if len(changed) == 2:  # a map: the table's matching dims are the grid
+        dims = (changed[0] - offset, changed[1] - offset)
+        if min(dims) < 0 or any(table_shape[d] != data_shape[d + offset] for d in dims):
+            return None
+        mode = _mode(gm, table, dims)
+        with gm.graph.inserting_before(node):
+            h = gm.graph.call_method("size", (data, changed[0]))
+            w = gm.graph.call_method("size", (data, changed[1]))
+            new = gm.graph.call_function(resample_map_table, (table, h, w, dims, mode))
+        node.replace_input_with(table, new)
+        return (f"{_describe(table)} {list(table_shape)} resampled ({mode}) to the runtime "
+                f"{_dimname(changed)} of the map it is added to")
+    if len(changed) != 1:
+        return None
+    token_dim = changed[0] - offset
+    if token_dim < 0 or table_shape[token_dim] != data_shape[changed[0]]:
+        return None
+    n_e = data_shape[changed[0]]
+    n_p = probe.shape(data, at_example=False)[changed[0]]
+    for grid, (i, j) in nearest_grids(data, probe):
+        ge, gp = probe.shape(grid), probe.shape(grid, at_example=False)
+        prefix = n_e - ge[i] * ge[j]
+        if prefix < 0 or n_p - gp[i] * gp[j] != prefix:
+            continue
+        mode = _mode(gm, table, None)
+        with gm.graph.inserting_before(node):
+            h = gm.graph.call_method("size", (grid, i))
+            w = gm.graph.call_method("size", (grid, j))
+            new = gm.graph.call_function(resample_token_table, (table, h, w, (ge[i], ge[j]), token_dim, prefix, mode))
+        node.replace_input_with(table, new)
+        kept = f", {prefix} prefix token(s) kept" if prefix else ""
+        return (f"{_describe(table)} {list(table_shape)} resampled ({mode}) from the {ge[i]}x{ge[j]} grid to "
+                f"the runtime grid of `{grid.name}`{kept}")
+    return None
+
+
+def _describe(table: Node) -> str:
+    roots = constant_roots(table)
+    names = ", ".join(sorted({str(r.target) for r in roots})) or table.name
+    return f"`{names}`"
+
+
+def _dimname(dims) -> str:
+    return "size (dims " + ", ".join(map(str, dims)) + ")"
+
+
+__all__ = ["resample_token_table", "resample_map_table", "cure_position_add"]

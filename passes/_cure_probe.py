@@ -1,0 +1,98 @@
+"""Where a fixed-size model breaks, and which dims of each node follow the input size.
+
+The cure pass runs the graph on meta tensors (no compute; `mixfx.shapes.propagate_concrete`) at
+the example size and at a second, larger size with H != W. A dim whose size differs between the
+two runs follows the input ("changed"); the first node that fails at the second size is the next
+thing to cure. Meta runs cost milliseconds, so the pass re-probes after every cure.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch.fx
+from torch.fx import Node
+
+from mixfx.shapes import ConcreteRun, propagate_concrete
+
+
+def probe_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
+    """The second size: spatial dims x2, x3, ... (every divisibility the example meets is kept,
+    and H != W even for a square example, so height and width can be told apart)."""
+    shape = tuple(example_shape)
+    return shape[:2] + tuple(s * (2 + i) for i, s in enumerate(shape[2:]))
+
+
+@dataclass
+class Probe:
+    """Shapes of every node reached at the example size and at the probe size."""
+
+    example: ConcreteRun
+    other: ConcreteRun
+
+    @property
+    def failure(self):
+        return self.other.failure
+
+    def shape(self, node: Node, at_example: bool = True) -> tuple[int, ...] | None:
+        value = (self.example if at_example else self.other).shapes.get(node.name)
+        return tuple(value) if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value) else None
+
+    def changed_dims(self, node: Node) -> list[int] | None:
+        """The dims of `node`'s output whose size follows the input; None where unknown."""
+        a, b = self.shape(node), self.shape(node, at_example=False)
+        if a is None or b is None or len(a) != len(b):
+            return None
+        return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+
+
+def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int]) -> Probe:
+    return Probe(propagate_concrete(gm, tuple(example_shape), allow_real=False),
+                 propagate_concrete(gm, probe_shape(example_shape), allow_real=False))
+
+
+def depends_on_input(node: Node) -> bool:
+    """Whether any placeholder is among `node`'s ancestors (False: a constant subgraph of
+    parameters, buffers and literals, e.g. `pos_embed[:, 1:]`)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def constant_roots(node: Node) -> list[Node]:
+    """The get_attr nodes a constant subgraph reads."""
+    seen, stack, roots = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            roots.append(n)
+        stack.extend(n.all_input_nodes)
+    return roots
+
+
+def nearest_grids(node: Node, probe: Probe, limit: int = 400) -> list[tuple[Node, tuple[int, int]]]:
+    """Ancestors of `node` (itself first, then breadth-first upwards) whose output has exactly two
+    dims that follow the input: a spatial map `[B, C, h, w]` or `[B, h, w, C]`, the grid the
+    tokens after it were flattened from."""
+    found, seen, queue = [], {node}, deque([node])
+    while queue and len(seen) <= limit:
+        n = queue.popleft()
+        dims = probe.changed_dims(n)
+        if dims is not None and len(dims) == 2:
+            found.append((n, (dims[0], dims[1])))
+        for parent in n.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    return found
