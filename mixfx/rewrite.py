@@ -8,7 +8,9 @@ Where the model accepts more than one input size (the analyser says `convolution
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -303,6 +305,7 @@ def rewrite_polymorphic(
     verify_sizes: Sequence[Sequence[int]] | None = None,
     leaves: Sequence = (),
     min_other_sizes: int = 2,
+    report_before: Any = None,
 ) -> RewriteResult:
     """Cure the rigid nodes of a `fixed` model (`passes.cure.Cure`) and verify the cure.
 
@@ -312,7 +315,8 @@ def rewrite_polymorphic(
     outputs of the example's structure, at `min_other_sizes` other sizes (`verify_sizes`, or the
     first that run among `second_sizes` and the cure's probe size), and (3) the re-analysis of the
     cured graph is not `fixed`. Raises `passes.cure.CureRefused` (exit 4) where a rigid node has
-    no cure and `VerificationError` (exit 4) where a check fails; nothing is returned then."""
+    no cure and `VerificationError` (exit 4) where a check fails; nothing is returned then.
+    `report_before`: the model's analysis when the caller already has it."""
     from passes.cure import Cure
     from passes._cure_probe import probe_shape
 
@@ -321,7 +325,8 @@ def rewrite_polymorphic(
     was_training = model.training
     model.eval()
     try:
-        report_before = _analyse(model, example_input, leaves)
+        if report_before is None:
+            report_before = _analyse(model, example_input, leaves)
         timings["analyse_before_s"] = time.perf_counter() - t_start
         t0 = time.perf_counter()
         gm = _trace(model, leaves, example_input)
@@ -420,8 +425,8 @@ def _runs_at(gm: GraphModule, model: nn.Module, example_input: torch.Tensor,
         if shape == tuple(example_input.shape):
             continue
         x = random_input(shape, example_input)
-        try:
-            with torch.no_grad():
+        try:  # (a failing GraphModule prints its generated code to stderr: kept out of the output)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 out = flatten_output(gm(x))
         except Exception as exc:  # noqa: BLE001 - a size the cure does not reach is a finding
             checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, False,

@@ -152,21 +152,55 @@ def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         return None
     n_e = data_shape[changed[0]]
     n_p = probe.shape(data, at_example=False)[changed[0]]
+    found = token_grid(data, probe, n_e, n_p)
+    if found is None:
+        return None
+    grid, (i, j), (sh, sw), prefix = found
+    ge = probe.shape(grid)
+    eh, ew = ge[i] // sh, ge[j] // sw
+    mode = _mode(gm, table, None)
+    with gm.graph.inserting_before(node):
+        h = gm.graph.call_method("size", (grid, i))
+        w = gm.graph.call_method("size", (grid, j))
+        if sh > 1 or sw > 1:
+            h = gm.graph.call_function(operator.floordiv, (h, sh))
+            w = gm.graph.call_function(operator.floordiv, (w, sw))
+        new = gm.graph.call_function(resample_token_table, (table, h, w, (eh, ew), token_dim, prefix, mode))
+    node.replace_input_with(table, new)
+    kept = f", {prefix} prefix token(s) kept" if prefix else ""
+    source = f"`{grid.name}`" + (f" // ({sh}, {sw})" if sh > 1 or sw > 1 else "")
+    return (f"{_describe(table)} {list(table_shape)} resampled ({mode}) from the {eh}x{ew} grid to the "
+            f"runtime grid of {source}{kept}")
+
+
+MAX_PREFIX = 8  # class, distillation and register tokens before the grid
+
+
+def token_grid(data: Node, probe: Probe, n_e: int, n_p: int):
+    """The grid `n` tokens were made from: `(map, (i, j), (sh, sw), prefix)` with
+    `n == prefix + (map.size(i) // sh) * (map.size(j) // sw)` at the example and at the probe size.
+    The nearest map above the tokens first, the same stride on both axes and the fewest prefix
+    tokens preferred (stride 1: the tokens are the map's positions; stride > 1: the tokens were
+    unfolded from it, as in TNT's pixel embedding)."""
     for grid, (i, j) in nearest_grids(data, probe):
-        ge, gp = probe.shape(grid), probe.shape(grid, at_example=False)
-        prefix = n_e - ge[i] * ge[j]
-        if prefix < 0 or n_p - gp[i] * gp[j] != prefix:
-            continue
-        mode = _mode(gm, table, None)
-        with gm.graph.inserting_before(node):
-            h = gm.graph.call_method("size", (grid, i))
-            w = gm.graph.call_method("size", (grid, j))
-            new = gm.graph.call_function(resample_token_table, (table, h, w, (ge[i], ge[j]), token_dim, prefix, mode))
-        node.replace_input_with(table, new)
-        kept = f", {prefix} prefix token(s) kept" if prefix else ""
-        return (f"{_describe(table)} {list(table_shape)} resampled ({mode}) from the {ge[i]}x{ge[j]} grid to "
-                f"the runtime grid of `{grid.name}`{kept}")
+        ge, gp = probe.shape(grid), probe.shape(grid, False)
+        candidates = []
+        for prefix in range(0, min(MAX_PREFIX, n_e - 1) + 1):
+            cells = n_e - prefix
+            for sh in _divisors(ge[i]):
+                if cells % (ge[i] // sh) or ge[j] % (cells // (ge[i] // sh)):
+                    continue
+                sw = ge[j] // (cells // (ge[i] // sh))
+                if (gp[i] // sh) * (gp[j] // sw) + prefix == n_p:
+                    candidates.append((sh != sw, sh * sw, prefix, (sh, sw)))
+        if candidates:
+            _, _, prefix, strides = min(candidates)
+            return grid, (i, j), strides, prefix
     return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _describe(table: Node) -> str:

@@ -1,10 +1,11 @@
 """Cure: sizes written into the graph as constants (a view/reshape to the example's grid, an
 `nn.Fold` with a fixed `output_size`) are computed from the runtime shape instead.
 
-Which constant is which size is found at the example: a constant equal to the height of the
-nearest map `[B, C, h, w]` above the node becomes `map.size(2)`, one equal to h*w becomes the
-product, a pair `(a, b)` with a*b == h becomes `(size // b, b)` (a window partition). The result
-is checked at the probe size: the new view's element count must match its input's.
+Which constant is which size is found at the example: a view splits or merges runs of its
+input's dims; a run that follows the input gets its sizes from the input's runtime sizes, or,
+where it splits one dim into several, from the nearest map `[B, C, h, w]` above the node whose
+grid sizes are among the constants (else the first constant becomes the quotient, as in a window
+partition `(h // ws, ws)`). The pass re-probes afterwards: a view that still fails is refused.
 """
 from __future__ import annotations
 
@@ -39,95 +40,162 @@ def _view_sizes(node: Node) -> tuple[list[Any], bool] | None:
     return sizes, packed
 
 
-class _Sizes:
-    """Builds `size()` / arithmetic nodes before `at`, and evaluates them at the probe size."""
+def _groups(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input dims with runs of output dims of equal element count (what a row-major
+    view does: each run of outputs splits or merges a run of inputs)."""
+    groups, i, j = [], 0, 0
+    while i < len(shape_in) or j < len(shape_out):
+        gi, gj = [], []
+        p_in, p_out = 1, 1
+        if i < len(shape_in):
+            p_in *= shape_in[i]
+            gi.append(i)
+            i += 1
+        if j < len(shape_out):
+            p_out *= shape_out[j]
+            gj.append(j)
+            j += 1
+        while p_in != p_out:
+            if p_in < p_out and i < len(shape_in):
+                p_in *= shape_in[i]
+                gi.append(i)
+                i += 1
+            elif p_out < p_in and j < len(shape_out):
+                p_out *= shape_out[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
 
-    def __init__(self, gm: GraphModule, probe: Probe, at: Node):
-        self.gm, self.probe, self.at = gm, probe, at
 
-    def size(self, node: Node, dim: int) -> tuple[Node, int]:
+class _Builder:
+    """Inserts `size()` and arithmetic nodes before `at`."""
+
+    def __init__(self, gm: GraphModule, at: Node):
+        self.gm, self.at = gm, at
+        self.created: list[Node] = []
+
+    def node(self, op: str, target: Any, args: tuple) -> Node:
         with self.gm.graph.inserting_before(self.at):
-            return self.gm.graph.call_method("size", (node, dim)), self.probe.shape(node, False)[dim]
+            n = self.gm.graph.create_node(op, target, args)
+        self.created.append(n)
+        return n
 
-    def op(self, fn, a: tuple[Node, int], b: tuple[Any, int]) -> tuple[Node, int]:
-        with self.gm.graph.inserting_before(self.at):
-            return self.gm.graph.call_function(fn, (a[0], b[0])), fn(a[1], b[1])
+    def size(self, source: Node, dim: int) -> Node:
+        return self.node("call_method", "size", (source, dim))
 
+    def product(self, items: list[Any]) -> Any:
+        out = items[0]
+        for item in items[1:]:
+            out = self.node("call_function", operator.mul, (out, item))
+        return out
 
-def _match_sizes(consts: list[Any], axes: list[tuple[Node, int]], probe: Probe, sizes: _Sizes) -> tuple[list[Any], list[Any], list[str]]:
-    """Replace the constants equal to the grid sizes, in order. Returns (new args, values at the
-    probe size, descriptions)."""
-    example = [probe.shape(n)[d] for n, d in axes]
-    new, at_probe, notes = [], [], []
-    k, i = 0, 0
-    while i < len(consts):
-        a = consts[i]
-        nxt = consts[i + 1] if i + 1 < len(consts) else None
-        if isinstance(a, int) and a > 1 and k < len(axes):
-            if a == example[k]:
-                s = sizes.size(*axes[k])
-                new.append(s[0]), at_probe.append(s[1]), notes.append(f"{a} -> size")
-                k, i = k + 1, i + 1
-                continue
-            if k + 1 < len(axes) and a == example[k] * example[k + 1]:
-                s = sizes.op(operator.mul, sizes.size(*axes[k]), sizes.size(*axes[k + 1]))
-                new.append(s[0]), at_probe.append(s[1]), notes.append(f"{a} -> h*w")
-                k, i = k + 2, i + 1
-                continue
-            if isinstance(nxt, int) and nxt > 1 and a * nxt == example[k]:
-                s = sizes.op(operator.floordiv, sizes.size(*axes[k]), (nxt, nxt))
-                new += [s[0], nxt]
-                at_probe += [s[1], nxt]
-                notes.append(f"{a} -> size // {nxt}")
-                k, i = k + 1, i + 2
-                continue
-        new.append(a)
-        at_probe.append(a if isinstance(a, int) else None)  # a Node (the batch size): unknown here
-        i += 1
-    return new, at_probe, notes
+    def undo(self) -> None:
+        for n in reversed(self.created):
+            self.gm.graph.erase_node(n)
+        self.created = []
 
 
 def cure_view(gm: GraphModule, node: Node, probe: Probe) -> str | None:
-    """A view/reshape with the example's sizes as constants: sizes from the runtime grid."""
+    """A view/reshape with sizes of the example's grid as constants: each run of output dims gets
+    its sizes from the run of input dims it splits or merges (`_groups`) at run time:
+    - merged or 1:1: the product of the input's runtime sizes;
+    - split: the constants equal to the nearest grid's sizes become those sizes (tokens ->
+      `[B, h, w, C]`, windows -> `[B, nh, nw, ws, ws, C]`); otherwise the first constant becomes
+      the runtime size divided by the others (a window partition `(h // ws, ws)`)."""
     if not _is_view(node):
         return None
     parsed = _view_sizes(node)
     source = node.args[0] if node.args else None
     if parsed is None or not isinstance(source, Node):
         return None
-    consts, packed = parsed
-    numel_probe = probe.shape(source, False)
-    if numel_probe is None:
+    args, packed = parsed
+    shape_in, shape_out, changed = probe.shape(source), probe.shape(node), probe.changed_dims(source)
+    if shape_in is None or shape_out is None or not changed or len(shape_out) != len(args):
         return None
-    numel_probe = math.prod(numel_probe)
-    for grid, (i, j) in nearest_grids(source, probe):
-        before = list(gm.graph.nodes)
-        sizes = _Sizes(gm, probe, node)
-        new, at_probe, notes = _match_sizes(consts, [(grid, i), (grid, j)], probe, sizes)
-        if notes and _fits(at_probe, new, numel_probe):
-            if packed:
-                node.args = (node.args[0], tuple(new)) if "shape" not in node.kwargs else node.args
-                if "shape" in node.kwargs:
-                    node.kwargs = {**node.kwargs, "shape": tuple(new)}
-            else:
-                node.args = (node.args[0], *new)
-            return (f"{node.target if isinstance(node.target, str) else node.target.__name__}"
-                    f"{tuple(consts)}: {', '.join(notes)} of `{grid.name}`")
-        for n in reversed([n for n in gm.graph.nodes if n not in set(before)]):
-            gm.graph.erase_node(n)
+    groups = _groups(shape_in, shape_out)
+    if groups is None:
+        return None
+    build = _Builder(gm, node)
+    new = list(args)
+    notes: list[str] = []
+    for dims_in, dims_out in groups:
+        if not any(d in changed for d in dims_in):
+            continue
+        if len(dims_out) == 1:  # the size of a merge is the product of what it merges, whatever computed it
+            if args[dims_out[0]] != -1:
+                new[dims_out[0]] = build.product([build.size(source, d) for d in dims_in])
+                notes.append(f"{_label(args[dims_out[0]])} -> the product of its input's runtime sizes")
+            continue
+        if not any(isinstance(args[j], int) and args[j] > 1 for j in dims_out):
+            continue
+        if len(dims_in) != 1:
+            build.undo()
+            return None
+        split = _split(build, source, dims_in[0], [args[j] for j in dims_out], probe)
+        if split is None:
+            build.undo()
+            return None
+        values, note = split
+        for j, v in zip(dims_out, values):
+            new[j] = v
+        notes.append(note)
+    if not notes:
+        return None
+    if "shape" in node.kwargs:
+        node.kwargs = {**node.kwargs, "shape": tuple(new)}
+    elif packed:
+        node.args = (source, tuple(new))
+    else:
+        node.args = (source, *new)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    return f"{name}{tuple(args)}: " + "; ".join(notes)
+
+
+def _split(build: _Builder, source: Node, dim: int, parts: list[Any], probe: Probe) -> tuple[list[Any], str] | None:
+    """Sizes for `parts` (constants and nodes) splitting `source`'s dim `dim` at run time."""
+    total_p = probe.shape(source, False)[dim]
+    consts = [k for k, p in enumerate(parts) if isinstance(p, int) and p > 1]
+    for grid, (gi, gj) in nearest_grids(source, probe):
+        ge, gp = probe.shape(grid), probe.shape(grid, False)
+        pos = _subsequence([parts[k] for k in consts], [ge[gi], ge[gj]])
+        if pos is None:
+            continue
+        others = [parts[k] for k in consts if k not in (consts[pos[0]], consts[pos[1]])]
+        checkable = all(isinstance(p, int) and p != -1 for p in parts)
+        if checkable and math.prod(others) * gp[gi] * gp[gj] != total_p:
+            continue
+        values = list(parts)
+        values[consts[pos[0]]] = build.size(grid, gi)
+        values[consts[pos[1]]] = build.size(grid, gj)
+        return values, f"{ge[gi]}, {ge[gj]} -> the runtime grid of `{grid.name}`"
+    if not consts:
+        return None
+    first = consts[0]
+    rest = [p for k, p in enumerate(parts) if k != first and not (isinstance(p, int) and p == -1)]
+    nodes = [p for p in rest if not isinstance(p, int)]
+    divisor = math.prod(p for p in rest if isinstance(p, int))
+    divisor = build.product(nodes + [divisor]) if nodes else divisor
+    values = list(parts)
+    values[first] = build.node("call_function", operator.floordiv, (build.size(source, dim), divisor))
+    return values, f"{parts[first]} -> runtime size // the other sizes"
+
+
+def _label(arg: Any) -> str:
+    return str(arg) if isinstance(arg, int) else f"`{arg.name}`"
+
+
+def _subsequence(values: list[int], wanted: list[int]) -> tuple[int, int] | None:
+    """Positions of `wanted` (two values, in order) in `values`."""
+    for a in range(len(values)):
+        if values[a] != wanted[0]:
+            continue
+        for b in range(a + 1, len(values)):
+            if values[b] == wanted[1]:
+                return a, b
     return None
-
-
-def _fits(at_probe: list[Any], new: list[Any], numel: int) -> bool:
-    """The view's sizes at the probe size multiply to its input's element count (-1 allowed).
-    Sizes read from other nodes (the batch) are unknown here: the pass's re-probe checks those."""
-    known = [v for v, n in zip(at_probe, new) if not (isinstance(n, int) and n == -1)]
-    if any(v is None for v in known):
-        return True
-    prod = math.prod(known)
-    if any(isinstance(n, int) and n == -1 for n in new):
-        return prod > 0 and numel % prod == 0
-    return prod == numel
 
 
 def _fold_config(gm: GraphModule, node: Node) -> dict | None:
@@ -164,3 +232,21 @@ def cure_fold(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         gm.graph.erase_node(node)
         return f"fold output_size {out} -> the runtime size of `{grid.name}`"
     return None
+
+
+def regroups_at_probe(node: Node, probe: Probe) -> bool:
+    """A view that runs at the probe size but no longer pairs its input and output dims as it did
+    at the example (a hard-coded size with a -1 that silently absorbs the change: `reshape(B, 196,
+    -1)` of `[B*N, 16, 24]` gives `[B, 196, 384 * N/196]`): the graph fails later, at an innocent
+    node, so the view itself is the one to cure."""
+    if not _is_view(node) or not node.args or not isinstance(node.args[0], Node):
+        return False
+    source = node.args[0]
+    ins, outs = probe.shape(source), probe.shape(node)
+    ins_p, outs_p = probe.shape(source, False), probe.shape(node, False)
+    if None in (ins, outs, ins_p, outs_p) or len(ins) != len(ins_p) or len(outs) != len(outs_p):
+        return False
+    groups = _groups(ins, outs)
+    if groups is None:
+        return False
+    return any(math.prod(ins_p[i] for i in gi) != math.prod(outs_p[j] for j in gj) for gi, gj in groups)

@@ -26,7 +26,7 @@ from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_position_add
 from passes._cure_probe import Probe, depends_on_input, nearest_grids, probe_shape, run_probe
-from passes._cure_sizes import cure_fold, cure_view
+from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe
 from passes._fxutil import example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
@@ -88,6 +88,7 @@ class Cure(RewritePass):
                 changes.append(self._dropped(gm, node, getattr(rigid, "module", None)))
         notes: list[str] = []
         last_failure: str | None = None
+        regrouped_seen: set[str] = set()
         for _ in range(self.max_steps):
             probe = run_probe(gm, shape)
             if probe.example.failure is not None:
@@ -98,6 +99,16 @@ class Cure(RewritePass):
             failed_checks = [nodes[n] for n in probe.other.failed_asserts if n in nodes and is_size_check(nodes[n])]
             for node in failed_checks:
                 changes.append(self._dropped(gm, node, self._module(gm, node)))
+            regrouped = next((n for n in gm.graph.nodes if n.name not in regrouped_seen and regroups_at_probe(n, probe)),
+                             None)
+            if regrouped is not None:  # a view whose -1 hides a hard-coded size: cure it before what fails after it
+                regrouped_seen.add(regrouped.name)
+                before = _describe_node(gm, regrouped)
+                description = cure_view(gm, regrouped, probe)
+                if description is not None:
+                    self._recompile(gm)
+                    changes.append(Change(self.name, regrouped.name, self._module(gm, regrouped), before, description))
+                    continue
             failure = probe.failure
             if failure is None:
                 if failed_checks:
