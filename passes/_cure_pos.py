@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from passes._cure_probe import Probe, constant_roots, depends_on_input, nearest_grids
+from passes._cure_probe import Probe, constant_roots, nearest_grids, value_depends_on_input
 
 ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -76,30 +76,28 @@ def _affine_ramp(values: torch.Tensor, dims: tuple[int, int]) -> bool:
     return float(d2h.abs().max()) <= 1e-6 * scale and float(d2w.abs().max()) <= 1e-6 * scale
 
 
-def _mode(gm: GraphModule, table: Node, dims_in_table: tuple[int, int] | None) -> str:
+def _mode(gm: GraphModule, table: Node, dims_in_table: tuple[int, int] | None, rank: int | None = None) -> str:
     """Bicubic for learned tables (timm's choice); linear with end points kept for a buffer that
-    is an affine coordinate ramp (bicubic would bend it)."""
+    is an affine coordinate ramp (bicubic would bend it). `dims_in_table` index a tensor of rank
+    `rank`; the buffer read is aligned to it from the right, as broadcasting does."""
     params = {k for k, _ in gm.named_parameters()}
     roots = constant_roots(table)
-    if dims_in_table is None or any(r.target in params for r in roots):
+    if dims_in_table is None or len(roots) != 1 or roots[0].target in params:
         return "bicubic"
     try:
-        value = _evaluate_constant(gm, table)
-    except Exception:  # noqa: BLE001
+        value = gm.get_buffer(str(roots[0].target))
+    except AttributeError:
+        try:
+            value = getattr(gm, str(roots[0].target))
+        except AttributeError:
+            return "bicubic"
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return "bicubic"
-    return "linear" if _affine_ramp(value, dims_in_table) else "bicubic"
-
-
-def _evaluate_constant(gm: GraphModule, node: Node) -> torch.Tensor:
-    """The value of a constant subgraph (no input), computed by running just that subgraph."""
-    env: dict[Node, object] = {}
-    order = [n for n in gm.graph.nodes if n in _ancestors(node)]
-    interp = torch.fx.Interpreter(gm)
-    with torch.no_grad():
-        for n in order:
-            interp.env = env
-            env[n] = interp.run_node(n)
-    return env[node]
+    offset = (rank if rank is not None else value.dim()) - value.dim()
+    dims = (dims_in_table[0] - offset, dims_in_table[1] - offset)
+    if min(dims) < 0:
+        return "bicubic"
+    return "linear" if _affine_ramp(value, dims) else "bicubic"
 
 
 def _ancestors(node: Node) -> set[Node]:
@@ -120,9 +118,9 @@ def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     a, b = node.args[0], node.args[1]
     if not (isinstance(a, Node) and isinstance(b, Node)):
         return None
-    if depends_on_input(a) and not depends_on_input(b):
+    if value_depends_on_input(a) and not value_depends_on_input(b):
         data, table = a, b
-    elif depends_on_input(b) and not depends_on_input(a):
+    elif value_depends_on_input(b) and not value_depends_on_input(a):
         data, table = b, a
     else:
         return None
@@ -137,7 +135,7 @@ def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         dims = (changed[0] - offset, changed[1] - offset)
         if min(dims) < 0 or any(table_shape[d] != data_shape[d + offset] for d in dims):
             return None
-        mode = _mode(gm, table, dims)
+        mode = _mode(gm, table, dims, len(table_shape))
         with gm.graph.inserting_before(node):
             h = gm.graph.call_method("size", (data, changed[0]))
             w = gm.graph.call_method("size", (data, changed[1]))
@@ -203,6 +201,38 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def cure_concat_table(gm: GraphModule, node: Node, probe: Probe) -> str | None:
+    """A failing `torch.cat` of maps with a constant map (a coordinate buffer, CoordConv-style,
+    possibly expanded to the batch): the constant resampled to the runtime size of the data."""
+    if not (node.op == "call_function" and node.target is torch.cat) or not node.args:
+        return None
+    tensors = node.args[0]
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, Node) for t in tensors):
+        return None
+    data = [t for t in tensors if value_depends_on_input(t)]
+    tables = [t for t in tensors if not value_depends_on_input(t)]
+    if not data or not tables:
+        return None
+    changed = probe.changed_dims(data[0])
+    shape = probe.shape(data[0])
+    if changed is None or len(changed) != 2 or shape is None:
+        return None
+    done = []
+    for table in tables:
+        table_shape = probe.shape(table)
+        if table_shape is None or len(table_shape) != len(shape) or any(
+                table_shape[d] != shape[d] for d in changed):
+            return None
+        mode = _mode(gm, table, (changed[0], changed[1]), len(table_shape))
+        with gm.graph.inserting_before(node):
+            h = gm.graph.call_method("size", (data[0], changed[0]))
+            w = gm.graph.call_method("size", (data[0], changed[1]))
+            new = gm.graph.call_function(resample_map_table, (table, h, w, (changed[0], changed[1]), mode))
+        node.replace_input_with(table, new)
+        done.append(f"{_describe(table)} {list(table_shape)} resampled ({mode})")
+    return "; ".join(done) + " to the runtime size of the map it is concatenated with"
+
+
 def _describe(table: Node) -> str:
     roots = constant_roots(table)
     names = ", ".join(sorted({str(r.target) for r in roots})) or table.name
@@ -213,4 +243,4 @@ def _dimname(dims) -> str:
     return "size (dims " + ", ".join(map(str, dims)) + ")"
 
 
-__all__ = ["resample_token_table", "resample_map_table", "cure_position_add"]
+__all__ = ["resample_token_table", "resample_map_table", "cure_position_add", "cure_concat_table"]

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch.fx
 from torch.fx import Node
 
-from mixfx.shapes import ConcreteRun, propagate_concrete
+from mixfx.shapes import ConcreteRun, _propagate, propagate_concrete
 
 
 def probe_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -48,23 +48,22 @@ class Probe:
 
 
 def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int]) -> Probe:
-    return Probe(propagate_concrete(gm, tuple(example_shape), allow_real=False),
-                 propagate_concrete(gm, probe_shape(example_shape), allow_real=False))
+    """Both runs on meta tensors; on real tensors (random input, real compute) where the graph
+    cannot run on meta ones (an op without a meta kernel, a tensor made on the CPU inside the
+    forward, e.g. `torch.arange(n)`)."""
+    example = propagate_concrete(gm, tuple(example_shape), allow_real=True)
+    real = bool(example.notes) or _needs_real(example)
+    if _needs_real(example):
+        example = _propagate(gm, tuple(example_shape), real=True)
+    other = _propagate(gm, probe_shape(example_shape), real=True) if real else propagate_concrete(
+        gm, probe_shape(example_shape), allow_real=False)
+    if not real and other.failure is not None and "device" in other.failure.error:
+        other = _propagate(gm, probe_shape(example_shape), real=True)
+    return Probe(example, other)
 
 
-def depends_on_input(node: Node) -> bool:
-    """Whether any placeholder is among `node`'s ancestors (False: a constant subgraph of
-    parameters, buffers and literals, e.g. `pos_embed[:, 1:]`)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
+def _needs_real(run: ConcreteRun) -> bool:
+    return run.failure is not None and "device" in run.failure.error
 
 
 def constant_roots(node: Node) -> list[Node]:
@@ -96,3 +95,33 @@ def nearest_grids(node: Node, probe: Probe, limit: int = 400) -> list[tuple[Node
                 seen.add(parent)
                 queue.append(parent)
     return found
+
+
+SHAPE_READS = {"size", "shape", "dim", "numel"}
+# methods whose result takes only the shape, dtype and device of the tensor they are called on
+FRESH_TENSORS = {"new_zeros", "new_ones", "new_empty", "new_full"}
+
+
+def _reads_shape_only(node: Node) -> bool:
+    """`x.size(...)`, `x.shape`, `getattr(x, 'shape')`, `x.new_zeros(...)`: the value of `x` does
+    not flow through."""
+    if node.op == "call_method" and (node.target in SHAPE_READS or node.target in FRESH_TENSORS):
+        return True
+    return (node.op == "call_function" and node.target is getattr and len(node.args) > 1
+            and node.args[1] in SHAPE_READS)
+
+
+def value_depends_on_input(node: Node) -> bool:
+    """Whether the input's values (not only its shape) flow into `node`: False for a table
+    expanded to the batch size (`pos.expand(x.shape[0], -1, -1)`)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if not _reads_shape_only(n):
+            stack.extend(n.all_input_nodes)
+    return False

@@ -24,13 +24,13 @@ from torch.fx import GraphModule, Node
 
 from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
-from passes._cure_pos import cure_position_add
-from passes._cure_probe import Probe, depends_on_input, nearest_grids, probe_shape, run_probe
+from passes._cure_pos import cure_concat_table, cure_position_add
+from passes._cure_probe import Probe, nearest_grids, probe_shape, run_probe
 from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe
-from passes._fxutil import example_inputs_of
+from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
-CURES = (cure_position_add, cure_view, cure_fold)
+CURES = (cure_position_add, cure_concat_table, cure_view, cure_fold)
 
 
 @dataclass(frozen=True)
