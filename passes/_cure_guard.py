@@ -6,6 +6,8 @@ only fed it are removed with it.
 """
 from __future__ import annotations
 
+import re
+
 from torch.fx import GraphModule, Node
 
 from mixfx.tracing import is_assert_target
@@ -27,4 +29,5 @@ def drop_check(gm: GraphModule, node: Node) -> str:
             erased.add(n)
             stack.extend(n.all_input_nodes)
             gm.graph.erase_node(n)
-    return message or "size check"
+    # fx writes the traced sizes into f-string messages as `Proxy(getitem_2)`
+    return re.sub(r"Proxy\(\w+\)", "?", message) if message else "size check"

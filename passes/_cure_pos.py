@@ -23,7 +23,10 @@ ADDS = {operator.add, operator.iadd, torch.add}
 
 def _same_grid(size: tuple, example: tuple) -> bool:
     """True at the example grid with concrete sizes; never decided on symbolic sizes (the
-    analyser's symbolic run must not see a branch that would pin the grid to one size)."""
+    analyser's symbolic run must not see a branch that would pin the grid to one size). The
+    helpers below are plain torch code, so a saved GraphModule that calls them re-traces (as
+    `torch.load` does) into their ops; there the branch is gone, and the antialiased bicubic and
+    the align-corners bilinear resampling are exact identities at the same size anyway."""
     return all(isinstance(s, int) for s in size) and tuple(size) == tuple(example)
 
 
@@ -43,12 +46,11 @@ def resample_token_table(table: torch.Tensor, h, w, example_grid: tuple[int, int
     if _same_grid((h, w), example_grid):
         return table
     t = table.movedim(token_dim, -1)
-    lead = t.shape[:-1]
     flat = t.reshape(1, -1, t.shape[-1])
     head, grid = flat[..., :prefix], flat[..., prefix:]
     grid = _interpolate(grid.reshape(1, flat.shape[1], example_grid[0], example_grid[1]), (h, w), mode)
     out = torch.cat([head, grid.reshape(1, flat.shape[1], h * w)], dim=-1)
-    return out.reshape(*lead, prefix + h * w).movedim(-1, token_dim)
+    return out.reshape(t.shape[:-1] + (prefix + h * w,)).movedim(-1, token_dim)
 
 
 def resample_map_table(table: torch.Tensor, h, w, dims: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -56,9 +58,8 @@ def resample_map_table(table: torch.Tensor, h, w, dims: tuple[int, int], mode: s
     if _same_grid((h, w), (table.shape[dims[0]], table.shape[dims[1]])):
         return table
     t = table.movedim(dims, (-2, -1))
-    lead = t.shape[:-2]
     grid = _interpolate(t.reshape(1, -1, t.shape[-2], t.shape[-1]), (h, w), mode)
-    return grid.reshape(*lead, h, w).movedim((-2, -1), dims)
+    return grid.reshape(t.shape[:-2] + (h, w)).movedim((-2, -1), dims)
 
 
 def _is_add(node: Node) -> bool:

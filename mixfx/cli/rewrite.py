@@ -21,7 +21,7 @@ MAX_ROWS = 40  # longer change lists are summarised (the JSON output has them al
 @handle_errors
 def rewrite(
     spec: str = typer.Argument(..., help="The model: path/to/model.py, model.pt, package.module:attr, timm:NAME or torchvision:NAME."),
-    to: str = typer.Option(..., "--to", help="conv: every Linear becomes a 1x1 conv; linear: every 1x1 conv becomes a Linear."),
+    to: str = typer.Option(..., "--to", help="conv: every Linear becomes a 1x1 conv; linear: every 1x1 conv becomes a Linear; polymorphic: cure what fixes the input size (position tables, size checks, hard-coded views, fold sizes)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the rewritten GraphModule here (nothing is written without it)."),
     format: str = typer.Option("pt", "--format", help="pt: torch.save'd GraphModule; folder: readable source + weights (GraphModule.to_folder)."),
     only: Optional[str] = typer.Option(None, "--only", help="Run only the passes whose name or group matches (glob): dense, patchify, layout, linear_to_conv, ..."),
@@ -36,7 +36,7 @@ def rewrite(
     verdict before and after. Exit codes: 0 done, 2 usage error, 3 model could not be loaded or
     traced, 4 the rewrite could not be verified (nothing written), 5 the output could not be written."""
     if to not in TARGETS:
-        raise UsageError(f"--to {to!r} is not a rewrite target.", "Use --to conv or --to linear.")
+        raise UsageError(f"--to {to!r} is not a rewrite target.", "Use --to conv, --to linear or --to polymorphic.")
     if format not in FORMATS:
         raise UsageError(f"--format {format!r} is not an output format.", "Use --format pt or --format folder.")
     kwargs = {"entry": entry, "input_shape": input, "trust": trust}
@@ -107,6 +107,11 @@ def render_result(result: RewriteResult, name: str) -> None:
             verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
             if s.error:
                 verdict += f" ({s.error})"
+            if s.max_abs_err != s.max_abs_err:  # NaN: a cured size the original does not take
+                verdict = ("[green]runs[/]" if s.passed else "[red]FAILED[/]") + (
+                    " (no reference: the original does not take this size)" if s.passed else f" ({s.error})")
+                table.add_row("x".join(map(str, s.input_shape)), "-", "-", "-", verdict)
+                continue
             table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
                           f"{s.ref_scale:.3g}", verdict)
         for s in v.float64_sizes:
@@ -127,5 +132,8 @@ def render_result(result: RewriteResult, name: str) -> None:
         table.add_row("before", result.classification_before, ", ".join(result.rigid_before) or "-")
         table.add_row("after", result.classification_after or "-", ", ".join(result.rigid_after) or "-")
         console.print(table)
-        if result.classification_after and result.classification_after != result.classification_before:
+        if result.target == "polymorphic":
+            if result.classification_after and result.classification_after != result.classification_before:
+                console.print(f"cured: {result.classification_before} -> {result.classification_after}")
+        elif result.classification_after and result.classification_after != result.classification_before:
             console.print("[bold yellow]warning:[/] the classification changed under the rewrite")
