@@ -101,16 +101,6 @@ def _mode(gm: GraphModule, table: Node, dims_in_table: tuple[int, int] | None, r
     return "linear" if _affine_ramp(value, dims) else "bicubic"
 
 
-def _ancestors(node: Node) -> set[Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     """Resample the constant operand of the failing add `node` to the runtime grid. Returns a
     description of the change, or None when `node` is not such an add (or the grid is unknown)."""

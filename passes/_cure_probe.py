@@ -125,3 +125,27 @@ def value_depends_on_input(node: Node) -> bool:
         if not _reads_shape_only(n):
             stack.extend(n.all_input_nodes)
     return False
+
+
+def constant_value(gm: torch.fx.GraphModule, node: Node):
+    """The value of a node that does not depend on the input's values (a buffer, a slice of a
+    parameter), computed by running only its ancestors; None where it cannot be."""
+    if value_depends_on_input(node):
+        return None
+    needed, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    if any(n.op == "placeholder" for n in needed):
+        return None
+    interp = torch.fx.Interpreter(gm)
+    try:
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                if n in needed:
+                    interp.env[n] = interp.run_node(n)
+    except Exception:  # noqa: BLE001 - not computable on its own
+        return None
+    return interp.env[node]

@@ -67,6 +67,11 @@ def _groups(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> list[tuple
             else:
                 return None
         groups.append((gi, gj))
+        # size-1 inputs (a 1x1 window grid at the example) go with the group before them, not
+        # with the next output dim: [B, 1, 1, 7, 7, C] -> (-1, 7, 7, C) keeps its window size 7
+        while i < len(shape_in) and shape_in[i] == 1 and (j >= len(shape_out) or shape_out[j] != 1):
+            gi.append(i)
+            i += 1
     return groups
 
 
@@ -171,6 +176,14 @@ def _split(build: _Builder, source: Node, dim: int, parts: list[Any], probe: Pro
         values[consts[pos[0]]] = build.size(grid, gi)
         values[consts[pos[1]]] = build.size(grid, gj)
         return values, f"{ge[gi]}, {ge[gj]} -> the runtime grid of `{grid.name}`"
+    for grid, (gi, gj) in nearest_grids(source, probe)[:1]:  # a count of windows: nh*nw of the window grid
+        ge = probe.shape(grid)
+        k = next((k for k in consts if parts[k] == ge[gi] * ge[gj]), None)
+        if k is None:
+            continue
+        values = list(parts)
+        values[k] = build.product([build.size(grid, gi), build.size(grid, gj)])
+        return values, f"{parts[k]} -> {ge[gi]}*{ge[gj]}, the runtime cell count of `{grid.name}`"
     if not consts:
         return None
     first = consts[0]
@@ -250,3 +263,29 @@ def regroups_at_probe(node: Node, probe: Probe) -> bool:
     if groups is None:
         return False
     return any(math.prod(ins_p[i] for i in gi) != math.prod(outs_p[j] for j in gj) for gi, gj in groups)
+
+
+def splits_off_grid_count(node: Node, probe: Probe) -> bool:
+    """A view that splits a dim that follows the input (windows x batch) into `-1` and a constant
+    equal to the cell count of the grid above it (`view(-1, 64, heads, N, N)` with 8x8 windows):
+    at another size the -1 takes the whole change and the windows land in the wrong place, with
+    no error, until a table indexed by window (an attention mask) meets them, or never."""
+    if not _is_view(node) or not node.args or not isinstance(node.args[0], Node):
+        return False
+    parsed = _view_sizes(node)
+    source = node.args[0]
+    ins, outs, changed = probe.shape(source), probe.shape(node), probe.changed_dims(source)
+    if parsed is None or ins is None or outs is None or not changed or len(outs) != len(parsed[0]):
+        return False
+    args = parsed[0]
+    grids = nearest_grids(source, probe)
+    if not grids:
+        return False
+    grid, (gi, gj) = grids[0]
+    ge = probe.shape(grid)
+    for dims_in, dims_out in _groups(ins, outs) or []:
+        if len(dims_in) == 1 and dims_in[0] in changed and len(dims_out) > 1:
+            values = [args[j] for j in dims_out]
+            if -1 in values and ge[gi] * ge[gj] in values:
+                return True
+    return False

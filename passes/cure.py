@@ -26,11 +26,12 @@ from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_concat_table, cure_position_add
 from passes._cure_probe import Probe, nearest_grids, probe_shape, run_probe
-from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe
+from passes._cure_windows import cure_window_table
+from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe, splits_off_grid_count
 from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
-CURES = (cure_position_add, cure_concat_table, cure_view, cure_fold)
+CURES = (cure_window_table, cure_position_add, cure_concat_table, cure_view, cure_fold)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ class Cure(RewritePass):
             failed_checks = [nodes[n] for n in probe.other.failed_asserts if n in nodes and is_size_check(nodes[n])]
             for node in failed_checks:
                 changes.append(self._dropped(gm, node, self._module(gm, node)))
-            regrouped = next((n for n in gm.graph.nodes if n.name not in regrouped_seen and regroups_at_probe(n, probe)),
-                             None)
+            regrouped = next((n for n in gm.graph.nodes if n.name not in regrouped_seen
+                              and (regroups_at_probe(n, probe) or splits_off_grid_count(n, probe))), None)
             if regrouped is not None:  # a view whose -1 hides a hard-coded size: cure it before what fails after it
                 regrouped_seen.add(regrouped.name)
                 before = _describe_node(gm, regrouped)
