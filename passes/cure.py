@@ -26,12 +26,13 @@ from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_concat_table, cure_position_add
 from passes._cure_probe import Probe, nearest_grids, probe_shape, run_probe
+from passes._cure_relpos import cure_relative_bias
 from passes._cure_windows import cure_window_table
 from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe, splits_off_grid_count
 from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
-CURES = (cure_window_table, cure_position_add, cure_concat_table, cure_view, cure_fold)
+CURES = (cure_window_table, cure_relative_bias, cure_position_add, cure_concat_table, cure_view, cure_fold)
 
 
 @dataclass(frozen=True)
