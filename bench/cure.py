@@ -56,13 +56,13 @@ def family(name: str) -> str:
 
 
 def cause_of(change) -> str:
+    """The kind of cure a change applied (from the cure pass's description of it)."""
     after = change.after
-    if after == "dropped":
-        return "size check"
-    if "resampled" in after:
-        return "position table"
-    if "fold" in after:
-        return "fold size"
+    for words, cause in (("dropped", "size check"), ("relative-position bias", "rel-pos bias"),
+                         ("per window", "window mask"), ("concatenated", "coordinate map"),
+                         ("resampled", "position table"), ("fold", "fold size")):
+        if words in after:
+            return cause
     return "view sizes"
 
 

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch.fx
 from torch.fx import Node
 
-from mixfx.shapes import ConcreteRun, _propagate, propagate_concrete
+from mixfx.shapes import (ConcreteRun, NodeFailure, _is_false, _MetaInterpreter, _propagate, _shape_of, _short,
+                          classify_exception, meta_weights)
 
 
 def probe_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -51,19 +52,41 @@ def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int]) -> Probe:
     """Both runs on meta tensors; on real tensors (random input, real compute) where the graph
     cannot run on meta ones (an op without a meta kernel, a tensor made on the CPU inside the
     forward, e.g. `torch.arange(n)`)."""
-    example = propagate_concrete(gm, tuple(example_shape), allow_real=True)
-    real = bool(example.notes) or _needs_real(example)
+    shape, other = tuple(example_shape), probe_shape(example_shape)
+    example = _meta_run(gm, shape)
     if _needs_real(example):
-        example = _propagate(gm, tuple(example_shape), real=True)
-    other = _propagate(gm, probe_shape(example_shape), real=True) if real else propagate_concrete(
-        gm, probe_shape(example_shape), allow_real=False)
-    if not real and other.failure is not None and "device" in other.failure.error:
-        other = _propagate(gm, probe_shape(example_shape), real=True)
-    return Probe(example, other)
+        return Probe(_propagate(gm, shape, real=True), _propagate(gm, other, real=True))
+    at_other = _meta_run(gm, other)
+    if _needs_real(at_other):
+        at_other = _propagate(gm, other, real=True)
+    return Probe(example, at_other)
 
 
 def _needs_real(run: ConcreteRun) -> bool:
-    return run.failure is not None and "device" in run.failure.error
+    return run.failure is not None and (run.failure.kind in ("data_dependent", "unsupported")
+                                        or "device" in run.failure.error)
+
+
+def _meta_run(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> ConcreteRun:
+    """`mixfx.shapes`' meta propagation without its value probes (the cure re-probes after every
+    change, and only needs shapes): each node's shape, the first failure, the failed checks."""
+    run = ConcreteRun(input_shape)
+
+    class _Recorder(_MetaInterpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            run.shapes[n.name] = _shape_of(out)
+            return out
+
+    interp = _Recorder(gm, probe_values=False)
+    with meta_weights(gm), torch.no_grad():
+        try:
+            interp.run(torch.empty(input_shape, device="meta"))
+        except Exception as exc:  # noqa: BLE001 - the failing node is the finding
+            node = interp.current.name if interp.current is not None else "?"
+            run.failure = NodeFailure(node, _short(exc), classify_exception(exc))
+    run.failed_asserts = [name for name, cond in interp.skipped_asserts.items() if _is_false(cond)]
+    return run
 
 
 def constant_roots(node: Node) -> list[Node]:

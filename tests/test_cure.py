@@ -133,6 +133,47 @@ class WindowNet(nn.Module):
         return self.head((m * weights).mean((1, 2)))
 
 
+class RelPosViT(nn.Module):
+    """BEiT-style attention bias: a table of (2g-1)^2 offsets + 3 class-token entries, gathered
+    with an index buffer built for the 8x8 grid of a 32x32 input, added to the logits."""
+
+    def __init__(self, dynamic: bool = False, grid: int = 8, dim: int = 16):
+        super().__init__()
+        self.dynamic, self.grid = dynamic, grid
+        self.proj = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.table = nn.Parameter(torch.randn((2 * grid - 1) ** 2 + 3))
+        self.register_buffer("index", self.relative_index(grid, grid), persistent=False)
+        self.attn = Attention(dim)
+        self.head = nn.Linear(dim, 10)
+
+    @staticmethod
+    def relative_index(h: int, w: int) -> torch.Tensor:
+        """BEiT's index: grid pairs by offset, then cls->token, token->cls, cls->cls."""
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        offsets = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
+        n, extra = h * w, (2 * h - 1) * (2 * w - 1)
+        index = torch.zeros(n + 1, n + 1, dtype=torch.long)
+        index[1:, 1:] = offsets
+        index[0, 1:], index[1:, 0], index[0, 0] = extra, extra + 1, extra + 2
+        return index
+
+    def forward(self, x):
+        m = self.proj(x)
+        t = torch.cat([self.cls.expand(m.shape[0], -1, -1), m.flatten(2).transpose(1, 2)], dim=1)
+        table, index = self.table, self.index
+        if self.dynamic:  # the offsets table resized to the runtime grid, the index rebuilt for it
+            g, h, w = self.grid, m.shape[2], m.shape[3]
+            offsets = table[: (2 * g - 1) ** 2].reshape(1, 1, 2 * g - 1, 2 * g - 1)
+            offsets = F.interpolate(offsets, size=(2 * h - 1, 2 * w - 1), mode="bicubic", antialias=True)
+            table = torch.cat([offsets.flatten(), table[(2 * g - 1) ** 2:]])
+            index = self.relative_index(h, w)
+        bias = table[index.reshape(-1)].reshape(index.shape)
+        t = t + self.attn(t, bias)
+        return self.head(t[:, 0])
+
+
 class FoldNet(nn.Module):
     """Patches processed one by one and put back with nn.Fold(output_size=(32, 32))."""
 
@@ -227,6 +268,7 @@ CASES = [  # (model, the kinds of change expected, example input)
     (PositionMapCNN, {"resampled"}, (1, 3, 32, 32)),
     (HardViewNet, {"view"}, (1, 3, 32, 32)),
     (WindowNet, {"reshape"}, (1, 3, 32, 32)),
+    (RelPosViT, {"relative-position bias"}, (1, 3, 32, 32)),
     (FoldNet, {"fold"}, (1, 3, 32, 32)),
     (CheckedCNN, {"dropped"}, (1, 3, 32, 32)),
     (CoordCNN, {"resampled (linear)"}, (1, 3, 32, 32)),
