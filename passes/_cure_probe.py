@@ -113,6 +113,8 @@ def nearest_grids(node: Node, probe: Probe, limit: int = 400) -> list[tuple[Node
         dims = probe.changed_dims(n)
         if dims is not None and len(dims) == 2:
             found.append((n, (dims[0], dims[1])))
+        if _reads_shape_only(n):  # `x.shape[-1] ** -0.5` is not where the data came from
+            continue
         for parent in n.all_input_nodes:
             if parent not in seen:
                 seen.add(parent)

@@ -139,7 +139,7 @@ def cure_view(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         if len(dims_in) != 1:
             build.undo()
             return None
-        split = _split(build, source, dims_in[0], [args[j] for j in dims_out], probe)
+        split = _split(build, source, dims_in[0], [args[j] for j in dims_out], probe, allow_minus_one=-1 not in args)
         if split is None:
             build.undo()
             return None
@@ -159,7 +159,8 @@ def cure_view(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     return f"{name}{tuple(args)}: " + "; ".join(notes)
 
 
-def _split(build: _Builder, source: Node, dim: int, parts: list[Any], probe: Probe) -> tuple[list[Any], str] | None:
+def _split(build: _Builder, source: Node, dim: int, parts: list[Any], probe: Probe,
+           allow_minus_one: bool = False) -> tuple[list[Any], str] | None:
     """Sizes for `parts` (constants and nodes) splitting `source`'s dim `dim` at run time."""
     total_p = probe.shape(source, False)[dim]
     consts = [k for k, p in enumerate(parts) if isinstance(p, int) and p > 1]
@@ -183,7 +184,10 @@ def _split(build: _Builder, source: Node, dim: int, parts: list[Any], probe: Pro
             continue
         values = list(parts)
         values[k] = build.product([build.size(grid, gi), build.size(grid, gj)])
-        return values, f"{parts[k]} -> {ge[gi]}*{ge[gj]}, the runtime cell count of `{grid.name}`"
+        computed = [m for m, p in enumerate(parts) if isinstance(p, Node)]
+        if allow_minus_one and len(computed) == 1 and -1 not in parts:
+            values[computed[0]] = -1  # `B*nW // 64` (the batch, computed with the old count): the rest
+        return values, f"{parts[k]} -> {ge[gi]}*{ge[gj]}, the runtime window count (cells of `{grid.name}`)"
     if not consts:
         return None
     first = consts[0]
@@ -266,7 +270,8 @@ def regroups_at_probe(node: Node, probe: Probe) -> bool:
 
 
 def splits_off_grid_count(node: Node, probe: Probe) -> bool:
-    """A view that splits a dim that follows the input (windows x batch) into `-1` and a constant
+    """A view that splits a dim that follows the input (windows x batch) into `-1` (or a size
+    computed with the old count, `B*nW // 64`) and a constant
     equal to the cell count of the grid above it (`view(-1, 64, heads, N, N)` with 8x8 windows):
     at another size the -1 takes the whole change and the windows land in the wrong place, with
     no error, until a table indexed by window (an attention mask) meets them, or never."""
@@ -286,6 +291,7 @@ def splits_off_grid_count(node: Node, probe: Probe) -> bool:
     for dims_in, dims_out in _groups(ins, outs) or []:
         if len(dims_in) == 1 and dims_in[0] in changed and len(dims_out) > 1:
             values = [args[j] for j in dims_out]
-            if -1 in values and ge[gi] * ge[gj] in values:
+            hidden = -1 in values or any(isinstance(v, Node) for v in values)
+            if hidden and ge[gi] * ge[gj] in values:
                 return True
     return False

@@ -174,6 +174,52 @@ class RelPosViT(nn.Module):
         return self.head(t[:, 0])
 
 
+def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
+    """Swin's attention mask [nW, N, N] for an h x w map: -100 between tokens of a window that
+    come from different regions of the cyclic shift."""
+    regions = torch.zeros(1, h, w, 1)
+    label = 0
+    for rows in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for cols in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            regions[:, rows, cols, :] = label
+            label += 1
+    windows = regions.reshape(1, h // ws, ws, w // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return diff.masked_fill(diff != 0, -100.0)
+
+
+class ShiftedWindowNet(nn.Module):
+    """Shifted-window attention whose mask is a buffer built at construction for the 16x16 map
+    (and whose window count 16 is read off that buffer): the runtime mask of the dynamic variant
+    is built for the actual map."""
+
+    def __init__(self, dynamic: bool = False, ws: int = 4, shift: int = 2, dim: int = 16):
+        super().__init__()
+        self.dynamic, self.ws, self.shift = dynamic, ws, shift
+        self.proj = nn.Conv2d(3, dim, 2, 2)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.register_buffer("mask", shifted_window_mask(16, 16, ws, shift), persistent=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        if not self.dynamic:  # as timm's PatchEmbed (without it the model runs, wrongly, at 64x64)
+            torch._assert(x.shape[2] == 32, "expects 32x32")
+        m = self.proj(x).permute(0, 2, 3, 1)
+        B, H, W, C = m.shape
+        ws, n = self.ws, self.ws * self.ws
+        s = torch.roll(m, (-self.shift, -self.shift), (1, 2))
+        win = s.reshape(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, n, C)
+        q, k, v = self.qkv(win).chunk(3, dim=-1)
+        logits = q @ k.transpose(-2, -1) * C ** -0.5
+        mask = shifted_window_mask(H, W, ws, self.shift) if self.dynamic else self.mask
+        logits = logits.view(-1, mask.shape[0], n, n) + mask.unsqueeze(0)
+        out = logits.view(-1, n, n).softmax(-1) @ v
+        out = out.reshape(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        out = torch.roll(out, (self.shift, self.shift), (1, 2)) + m
+        weights = torch.linspace(0.5, 1.5, H * W).reshape(1, H, W, 1)
+        return self.head((out * weights).mean((1, 2)))
+
+
 class FoldNet(nn.Module):
     """Patches processed one by one and put back with nn.Fold(output_size=(32, 32))."""
 
@@ -269,6 +315,7 @@ CASES = [  # (model, the kinds of change expected, example input)
     (HardViewNet, {"view"}, (1, 3, 32, 32)),
     (WindowNet, {"reshape"}, (1, 3, 32, 32)),
     (RelPosViT, {"relative-position bias"}, (1, 3, 32, 32)),
+    (ShiftedWindowNet, {"per window", "window count"}, (1, 3, 32, 32)),
     (FoldNet, {"fold"}, (1, 3, 32, 32)),
     (CheckedCNN, {"dropped"}, (1, 3, 32, 32)),
     (CoordCNN, {"resampled (linear)"}, (1, 3, 32, 32)),
