@@ -1,5 +1,5 @@
 """Cure: a fixed-size table added to the tokens or to a map (a position embedding, a coordinate
-buffer) is resampled to the runtime grid.
+buffer), or multiplied with them (rotary cos/sin tables), is resampled to the runtime grid.
 
 What the node does decides, not what it is called: an add whose one operand depends on the input
 and whose other operand is a constant subgraph (parameters, buffers, slices of them) that stops
@@ -18,7 +18,8 @@ from torch.fx import GraphModule, Node
 
 from passes._cure_probe import Probe, constant_roots, nearest_grids, value_depends_on_input
 
-ADDS = {operator.add, operator.iadd, torch.add}
+# a table added to the data (position embedding) or multiplied with it (rotary cos/sin tables)
+COMBINES = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
 
 
 def _same_grid(size: tuple, example: tuple) -> bool:
@@ -63,8 +64,8 @@ def resample_map_table(table: torch.Tensor, h, w, dims: tuple[int, int], mode: s
 
 
 def _is_add(node: Node) -> bool:
-    return (node.op == "call_function" and node.target in ADDS
-            or node.op == "call_method" and node.target in ("add", "add_"))
+    return (node.op == "call_function" and node.target in COMBINES
+            or node.op == "call_method" and node.target in ("add", "add_", "mul", "mul_"))
 
 
 def _affine_ramp(values: torch.Tensor, dims: tuple[int, int]) -> bool:

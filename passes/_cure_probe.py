@@ -103,12 +103,12 @@ def constant_roots(node: Node) -> list[Node]:
     return roots
 
 
-def nearest_grids(node: Node, probe: Probe, limit: int = 400) -> list[tuple[Node, tuple[int, int]]]:
+def nearest_grids(node: Node, probe: Probe, limit: int = 50_000, most: int = 8) -> list[tuple[Node, tuple[int, int]]]:
     """Ancestors of `node` (itself first, then breadth-first upwards) whose output has exactly two
     dims that follow the input: a spatial map `[B, C, h, w]` or `[B, h, w, C]`, the grid the
     tokens after it were flattened from."""
     found, seen, queue = [], {node}, deque([node])
-    while queue and len(seen) <= limit:
+    while queue and len(seen) <= limit and len(found) < most:
         n = queue.popleft()
         dims = probe.changed_dims(n)
         if dims is not None and len(dims) == 2:
