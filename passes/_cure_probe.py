@@ -59,6 +59,10 @@ def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int]) -> Probe:
     at_other = _meta_run(gm, other)
     if _needs_real(at_other):
         at_other = _propagate(gm, other, real=True)
+    elif at_other.failure is None:  # an opaque helper (timm's autowrapped functions) that fails on real
+        new = [name for name in at_other.probe_failures if name not in example.probe_failures]
+        if new:  # values at this size only: an index built for the example's size, out of bounds here
+            at_other.failure = NodeFailure(new[0], at_other.probe_failures[new[0]] + " (on real zeros)", "shape")
     return Probe(example, at_other)
 
 
@@ -68,8 +72,9 @@ def _needs_real(run: ConcreteRun) -> bool:
 
 
 def _meta_run(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> ConcreteRun:
-    """`mixfx.shapes`' meta propagation without its value probes (the cure re-probes after every
-    change, and only needs shapes): each node's shape, the first failure, the failed checks."""
+    """`mixfx.shapes`' meta propagation (each node's shape, the first failure, the failed checks),
+    with its value probes of opaque helpers except the cures' own (the cure re-probes after every
+    change: probing its resampling helpers on real zeros at the larger size cost 6x the time)."""
     run = ConcreteRun(input_shape)
 
     class _Recorder(_MetaInterpreter):
@@ -78,7 +83,16 @@ def _meta_run(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> Concret
             run.shapes[n.name] = _shape_of(out)
             return out
 
-    interp = _Recorder(gm, probe_values=False)
+        def call_function(self, target, args, kwargs):
+            if not getattr(target, "__module__", "").startswith("passes."):
+                return super().call_function(target, args, kwargs)
+            saved, self.probe_values = self.probe_values, False  # the cures' own helpers take any size
+            try:
+                return super().call_function(target, args, kwargs)
+            finally:
+                self.probe_values = saved
+
+    interp = _Recorder(gm, probe_values=True)
     with meta_weights(gm), torch.no_grad():
         try:
             interp.run(torch.empty(input_shape, device="meta"))
@@ -86,6 +100,7 @@ def _meta_run(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> Concret
             node = interp.current.name if interp.current is not None else "?"
             run.failure = NodeFailure(node, _short(exc), classify_exception(exc))
     run.failed_asserts = [name for name, cond in interp.skipped_asserts.items() if _is_false(cond)]
+    run.probe_failures = interp.probe_failures
     return run
 
 
@@ -103,15 +118,23 @@ def constant_roots(node: Node) -> list[Node]:
     return roots
 
 
+def _scaled_apart(probe: Probe, node: Node, dims: list[int]) -> bool:
+    """The probe scales H by 2 and W by 3: a height and a width grow apart, while the two token
+    dims of an attention matrix `[.., N, N]` grow together (and are no grid)."""
+    a, b = probe.shape(node), probe.shape(node, False)
+    i, j = dims
+    return a[i] * b[j] != a[j] * b[i]
+
+
 def nearest_grids(node: Node, probe: Probe, limit: int = 50_000, most: int = 8) -> list[tuple[Node, tuple[int, int]]]:
-    """Ancestors of `node` (itself first, then breadth-first upwards) whose output has exactly two
-    dims that follow the input: a spatial map `[B, C, h, w]` or `[B, h, w, C]`, the grid the
-    tokens after it were flattened from."""
+    """Ancestors of `node` (itself first, then breadth-first upwards, at most `most`) whose output
+    has exactly two dims that follow the input, apart: a spatial map `[B, C, h, w]` or
+    `[B, h, w, C]`, the grid the tokens after it were flattened from."""
     found, seen, queue = [], {node}, deque([node])
     while queue and len(seen) <= limit and len(found) < most:
         n = queue.popleft()
         dims = probe.changed_dims(n)
-        if dims is not None and len(dims) == 2:
+        if dims is not None and len(dims) == 2 and _scaled_apart(probe, n, dims):
             found.append((n, (dims[0], dims[1])))
         if _reads_shape_only(n):  # `x.shape[-1] ** -0.5` is not where the data came from
             continue

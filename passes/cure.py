@@ -55,8 +55,9 @@ class CureRefused(MixfxError):
 
     def __init__(self, model: str, nodes: Sequence[Uncurable], cured: Sequence[Change] = ()):
         listed = "; ".join(f"`{u.module or u.node}` ({u.node}): {u.why}" for u in nodes)
+        where = list(dict.fromkeys(c.module or c.node for c in cured))
         done = (f" (The other {len(cured)} change(s) it would need have a cure: "
-                + ", ".join(f"`{c.module or c.node}`" for c in cured[:6]) + ("..." if len(cured) > 6 else "") + ".)"
+                + ", ".join(f"`{m}`" for m in where[:6]) + ("..." if len(where) > 6 else "") + ".)"
                 if cured else "")
         hint = ("A flatten into a fixed-size Linear is what `--to fcn` converts." if any("--to fcn" in u.why for u in nodes)
                 else "Run the model at its example size, or retrain it without the fixed-size weight.")
