@@ -94,14 +94,16 @@ def timm_dynamic(name: str, state: dict, sizes: list[tuple[int, ...]], cured) ->
                 out = model(x)
         except Exception:  # noqa: BLE001
             continue
-        diff = None
+        diff = rel = None
         if cured is not None:
             try:
                 with torch.no_grad():
                     diff = float((cured(x) - out).abs().max())
+                rel = diff / max(float(out.abs().max()), 1e-30)
             except Exception:  # noqa: BLE001
                 pass
-        return {"accepted": True, "runs": True, "size": list(shape), "max_abs_vs_cured": diff}
+        return {"accepted": True, "runs": True, "size": list(shape), "max_abs_vs_cured": diff,
+                "max_rel_vs_cured": rel}
     return {"accepted": True, "runs": False}
 
 
@@ -192,12 +194,12 @@ def summarise(rows: list[dict]) -> dict:
             by_cause[c][r["outcome"]] += 1
     timm_runs = [r for r in fixed if r.get("timm_dynamic", {}).get("runs")]
     cured_where_timm = [r for r in timm_runs if r["outcome"] == "cured"]
-    diffs = [r["timm_dynamic"]["max_abs_vs_cured"] for r in cured_where_timm
-             if r["timm_dynamic"].get("max_abs_vs_cured") is not None]
+    diffs = [r["timm_dynamic"]["max_rel_vs_cured"] for r in cured_where_timm
+             if r["timm_dynamic"].get("max_rel_vs_cured") is not None]
     return {"models": len(rows), "fixed": len(fixed), **counts,
             "not_fixed": len(rows) - len(fixed),
             "timm_dynamic_runs": len(timm_runs), "cured_where_timm_runs": len(cured_where_timm),
-            "max_abs_vs_timm_dynamic": max(diffs) if diffs else None,
+            "max_rel_vs_timm_dynamic": max(diffs) if diffs else None,
             "by_cause": {k: dict(v) for k, v in by_cause.items()}}
 
 
@@ -221,7 +223,7 @@ def render(rows: list[dict], summary: dict, console: Console) -> None:
     console.print(f"fixed {summary['fixed']} of {summary['models']}: cured {summary.get('cured', 0)}, "
                   f"refused {summary.get('refused', 0)}, failed {summary.get('failed', 0)}; timm dynamic_img_size "
                   f"runs {summary['timm_dynamic_runs']}, of which cured {summary['cured_where_timm_runs']} "
-                  f"(max abs diff vs timm {summary['max_abs_vs_timm_dynamic']}); {summary['wall_s']} s")
+                  f"(max rel diff vs timm {summary['max_rel_vs_timm_dynamic']}); {summary['wall_s']} s")
 
 
 if __name__ == "__main__":

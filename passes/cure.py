@@ -71,7 +71,9 @@ class Cure(RewritePass):
 
     `rigid_nodes`: the analysis' `report.rigid_nodes` (optional): their explicit size checks are
     dropped even where the probe size happens to pass them, and their module names and reasons
-    label the changes and refusals."""
+    label the changes and refusals. The probe stops at the first node without a cure, so a
+    refusal names that node (later ones are not reached). Like every pass it changes the graph it
+    is given, also when it then refuses: run it on a copy (`mixfx.rewrite` does)."""
 
     name = "cure"
 
