@@ -10,7 +10,9 @@ Where the model accepts more than one input size (the analyser says `convolution
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -26,7 +28,7 @@ from passes import Change, RewritePass, RewritePassResult, Skip, passes_for
 from passes.modules import ChannelLayerNorm, channel_layer_norm
 from passes._fxutil import annotate_example_inputs, clear_example_inputs, permutation_of, propagate_shapes
 
-TARGETS = ("conv", "linear", "fcn")
+TARGETS = ("conv", "linear", "fcn", "polymorphic")
 
 
 class PassError(MixfxError):
@@ -177,7 +179,8 @@ def rewrite(
     reference_outputs: dict | None = None,
 ) -> RewriteResult:
     """Rewrite `model` towards `to` ("conv": Linear -> 1x1 conv; "linear": 1x1 conv -> Linear;
-    "fcn": the classifier's head -> convolutions, output [N, K, h, w]; always analysed first).
+    "fcn": the classifier's head -> convolutions, output [N, K, h, w]; always analysed first;
+    "polymorphic": cure what pins the input size, see `rewrite_polymorphic`).
 
     `passes` overrides the default pipeline (`passes.passes_for(to, only)`). `verify_sizes` gives
     the extra input shapes to verify at (default: a second size when the model takes one).
@@ -186,9 +189,11 @@ def rewrite(
     runs the original once per verification input (see `mixfx.verify.verify`). Raises `VerificationError`
     when the result is not equivalent and `PassError` when a pass fails."""
     if to not in TARGETS:
-        raise UsageError(f"unknown rewrite target {to!r}.", "Use --to conv, --to linear or --to fcn.")
+        raise UsageError(f"unknown rewrite target {to!r}.", f"Use --to with one of: {', '.join(TARGETS)}.")
     if example_input is None:
         example_input = random_input(tuple(input_shape) if input_shape else (1, 3, 224, 224))
+    if to == "polymorphic":
+        return rewrite_polymorphic(model, example_input, passes, verify_sizes=verify_sizes, leaves=leaves)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     was_training = model.training
@@ -503,3 +508,160 @@ def _crop_notes(model: nn.Module, gm: GraphModule, plan: Any, shape: Sequence[in
                    "input, not the crop")
     return ["map positions are the dense evaluation, not crop runs: " + "; ".join(why)
             + f" (measured at {where}: max rel err {rel:.3g})"]
+
+
+# --- `--to polymorphic`: a cure changes the accepted sizes, so it is verified differently ----------
+
+POLYMORPHIC_RTOL = 1e-6  # at the example size the cured graph must equal the original (relative)
+
+
+def rewrite_polymorphic(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    passes: Sequence[RewritePass] | None = None,
+    *,
+    verify_sizes: Sequence[Sequence[int]] | None = None,
+    leaves: Sequence = (),
+    min_other_sizes: int = 2,
+    report_before: Any = None,
+) -> RewriteResult:
+    """Cure the rigid nodes of a `fixed` model (`passes.cure.Cure`) and verify the cure.
+
+    A `fixed` original runs at its example size only, so `verify` (which compares at sizes where
+    the original runs) cannot check the rest. The cure is accepted when (1) the cured graph equals
+    the original at the example size (max abs err <= 1e-6 * max|ref|), (2) it runs, with finite
+    outputs of the example's structure, at `min_other_sizes` other sizes (`verify_sizes`, or the
+    first that run among `second_sizes` and the cure's probe size), and (3) the re-analysis of the
+    cured graph is not `fixed`. Raises `passes.cure.CureRefused` (exit 4) where a rigid node has
+    no cure and `VerificationError` (exit 4) where a check fails; nothing is returned then.
+    `report_before`: the model's analysis when the caller already has it."""
+    from passes.cure import Cure
+    from passes._cure_probe import probe_shape
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        if report_before is None:
+            report_before = _analyse(model, example_input, leaves)
+        timings["analyse_before_s"] = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        gm = _trace(model, leaves, example_input)
+        timings["trace_s"] = time.perf_counter() - t0
+        notes: list[str] = []
+        before = getattr(report_before, "classification", None)
+        rigid = list(getattr(report_before, "rigid_nodes", []))
+        if passes is not None:
+            pipeline = list(passes)
+        elif before == "fixed":
+            pipeline = [Cure(rigid, model_name=type(model).__name__)]
+        else:
+            pipeline = []
+            notes.append(f"the model is already {before}: nothing to cure")
+        annotate_example_inputs(gm, example_input)
+        changes: list[Change] = []
+        t0 = time.perf_counter()
+        for p in pipeline:
+            result = p(gm)  # CureRefused (a MixfxError) propagates: nothing was written
+            gm = result.graph_module
+            if isinstance(result, RewritePassResult):
+                changes += result.changes
+                notes += result.notes
+        clear_example_inputs(gm)
+        gm.graph.lint()
+        gm.recompile()
+        timings["passes_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        at_example = verify(model, gm, example_input, atol=0.0, rtol=POLYMORPHIC_RTOL)
+        candidates = ([tuple(s) for s in verify_sizes] if verify_sizes is not None
+                      else _unique(second_sizes(example_input) + [probe_shape(example_input.shape)]))
+        runs = _runs_at(gm, model, example_input, candidates, min_other_sizes)
+        sizes = at_example.sizes[:1] + runs
+        ran = [s for s in runs if s.passed]
+        verification = Verification(at_example.passed and len(ran) >= min_other_sizes, at_example.max_abs_err,
+                                    at_example.max_rel_err, {"atol": 0.0, "rtol": POLYMORPHIC_RTOL}, sizes,
+                                    float64_sizes=at_example.float64_sizes)
+        timings["verify_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report_after = _analyse(gm, example_input, ()) if verification.passed else None
+        timings["analyse_after_s"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    timings["total_s"] = time.perf_counter() - t_start
+    after = getattr(report_after, "classification", None)
+    if report_after is not None and report_after.constraints:
+        notes.append("the cured model takes inputs with " + ", ".join(report_after.constraints))
+    out = RewriteResult(module=gm, target="polymorphic", changes=changes, notes=notes, verification=verification,
+                        classification_before=before, classification_after=after,
+                        passes=[getattr(p, "name", type(p).__name__) for p in pipeline], timings=timings,
+                        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after))
+    problem = None
+    if not at_example.passed:
+        bad = at_example.sizes[0]
+        problem = (f"differs from the original at the example size {_shape(bad.input_shape)}: "
+                   + (bad.error or f"max abs err {bad.max_abs_err:.3g} > 1e-06 * {bad.ref_scale:.3g}"))
+    elif len(ran) < min_other_sizes:
+        tried = "; ".join(f"{_shape(s.input_shape)}: {s.error}" for s in runs if not s.passed) or "none"
+        problem = f"runs at {len(ran)} other size(s), not {min_other_sizes} (tried {tried})"
+    elif after == "fixed":
+        problem = "is still `fixed` by the analysis: " + ", ".join(out.rigid_after)
+    if problem is not None:
+        exc = VerificationError(f"the cured {type(model).__name__} {problem}. Nothing was written.",
+                                "Report the model if this is a mixfx bug; --debug shows the details.")
+        exc.result = out  # type: ignore[attr-defined]
+        raise exc
+    return out
+
+
+def _unique(shapes: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    for s in shapes:
+        if tuple(s) not in out:
+            out.append(tuple(s))
+    return out
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _runs_at(gm: GraphModule, model: nn.Module, example_input: torch.Tensor,
+             candidates: Sequence[tuple[int, ...]], wanted: int) -> list[SizeCheck]:
+    """Real forwards of the cured graph at the candidate sizes until `wanted` of them run: a size
+    passes when the outputs are finite and shaped like the example's, up to the sizes that follow
+    the input (no reference exists there: the original does not run)."""
+    from mixfx.verify import flatten_output
+
+    with torch.no_grad():
+        reference = flatten_output(gm(example_input))
+    checks: list[SizeCheck] = []
+    for shape in candidates:
+        if sum(c.passed for c in checks) >= wanted:
+            break
+        if shape == tuple(example_input.shape):
+            continue
+        x = random_input(shape, example_input)
+        try:  # (a failing GraphModule prints its generated code to stderr: kept out of the output)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                out = flatten_output(gm(x))
+        except Exception as exc:  # noqa: BLE001 - a size the cure does not reach is a finding
+            checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, False,
+                                    f"the cured model fails: {type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        error = _structure_difference(reference, out)
+        checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, error is None, error))
+    return checks
+
+
+def _structure_difference(reference: list, out: list) -> str | None:
+    if [k for k, _ in reference] != [k for k, _ in out]:
+        return "the output structure differs from the example's"
+    for (path, r), (_, o) in zip(reference, out):
+        if isinstance(r, torch.Tensor):
+            if not isinstance(o, torch.Tensor) or o.dim() != r.dim():
+                return f"{path}: rank differs from the example's"
+            if o.is_floating_point() and not bool(torch.isfinite(o).all()):
+                return f"{path}: non-finite outputs"
+    return None

@@ -17,7 +17,8 @@ __all__ = ["Change", "Skip", "RewritePass", "RewritePassResult", "passes_for", "
 PASS_GROUPS = {"patchify": ("patchify_to_conv", "conv_to_patchify"),
                "dense": ("linear_to_conv", "conv_to_linear"),
                "layout": ("layout",),
-               "fcn": ("fcn",)}
+               "fcn": ("fcn",),
+               "cure": ("cure",)}
 
 
 def _all_passes(target: str) -> list[RewritePass]:
@@ -37,7 +38,11 @@ def _all_passes(target: str) -> list[RewritePass]:
         from passes.fcn import Convolutionalise
 
         return [Convolutionalise()]
-    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv', 'linear' or 'fcn'")
+    if target == "polymorphic":
+        from passes.cure import Cure
+
+        return [Cure()]
+    raise ValueError(f"unknown rewrite target {target!r}: expected 'conv', 'linear', 'fcn' or 'polymorphic'")
 
 
 def passes_for(target: str, only: str | None = None) -> list[RewritePass]:

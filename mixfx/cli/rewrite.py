@@ -18,6 +18,7 @@ from mixfx.errors import UsageError
 TARGET_HELP = {
     "conv": "every Linear becomes a 1x1 conv, a patchify (reshape + Linear) a strided conv",
     "linear": "every 1x1 conv becomes a Linear, a strided patch conv a patchify + Linear",
+    "polymorphic": "cure what fixes the input size (position tables, size checks, hard-coded views, fold sizes)",
     "fcn": "a classifier's head becomes convolutions: output [N, K, h, w], a score map on larger inputs",
 }
 FORMATS_HELP = ("pt: the torch.save'd GraphModule (load it with torch.load(path, weights_only=False)); "
@@ -218,6 +219,11 @@ def render_result(result: Any, name: str) -> None:
                 verdict = "[yellow]all zero[/]"  # equal, but proves nothing
             if s.error:
                 verdict += f" ({s.error})"
+            if s.max_abs_err != s.max_abs_err:  # NaN: a cured size the original does not take
+                verdict = ("[green]runs[/]" if s.passed else "[red]FAILED[/]") + (
+                    " (no reference: the original does not take this size)" if s.passed else f" ({s.error})")
+                table.add_row("x".join(map(str, s.input_shape)), "-", "-", "-", verdict)
+                continue
             table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
                           f"{s.ref_scale:.3g}", verdict)
         for s in v.float64_sizes:
@@ -243,6 +249,9 @@ def render_result(result: Any, name: str) -> None:
             for line in textwrap.wrap(print_group_line, _width(), subsequent_indent=" " * 9,
                                       break_long_words=False, break_on_hyphens=False):
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
-        if (result.classification_after and result.classification_after != result.classification_before
-                and result.target != "fcn"):  # fcn: a flatten + Linear head made fixed, converted it is not
+        changed = result.classification_after and result.classification_after != result.classification_before
+        if result.target == "polymorphic":
+            if changed:
+                console.print(f"cured: {result.classification_before} -> {result.classification_after}")
+        elif changed and result.target != "fcn":  # fcn: a flatten + Linear head made fixed, converted it is not
             console.print("[bold yellow]warning:[/] the classification changed under the rewrite")
