@@ -5,6 +5,7 @@ Public API (documented in README.md):
 - `mixfx.trace(model, example_input=None, *, leaves=()) -> TraceResult`
 - `mixfx.rewrite(model, to="conv", example_input=None, passes=None) -> RewriteResult`
 - `mixfx.load_model(spec, ...) -> LoadedModel` (the CLI's model specs)
+- `mixfx.tile(model, x, tile=(h, w), *, up_to=None) -> Tensor` (exact tiled inference)
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mixfx.analysis import analyze
 from mixfx.errors import MixfxError
 from mixfx.loading import LoadedModel, load_model
 from mixfx.report import AnalysisReport
+from mixfx.tiling import tile
 from mixfx.tracing import TraceResult, trace
 
 try:  # bind the function *after* importing the submodule, so `mixfx.rewrite` is the function
@@ -21,6 +23,6 @@ except ModuleNotFoundError as exc:  # pragma: no cover - only while the rewrite 
         raise
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError"]
+__all__ = ["analyze", "trace", "rewrite", "load_model", "tile", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError"]
 
 
