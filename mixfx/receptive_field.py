@@ -131,6 +131,7 @@ class Unbounded:
     node: str
     module: str | None
     reason: str
+    lost: bool = False  # the walk lost the map (no rule, a reshape to tokens), not a known global op
 
 
 @dataclass(frozen=True)
@@ -161,22 +162,40 @@ class FieldRun:
         f = self.fields.get(name)
         return isinstance(f, Field) and not f.static and len(f.axes()) == self.n_axes
 
-    def receptive_field(self, name: str) -> ReceptiveField | None:
-        """The report's view of one node: None unless the node carries every input spatial axis."""
-        if not self.is_spatial(name):
-            return None
-        return to_receptive_field(self.fields[name], self.n_axes)
+    def receptive_field(self, name: str, varies: bool = False) -> ReceptiveField | None:
+        """The report's view of one node: None unless the node carries every input spatial axis,
+        or its shape `varies` with the input size (a map whose axes the walk lost inside an
+        unbounded region: reported unbounded from there)."""
+        if self.is_spatial(name):
+            return to_receptive_field(self.fields[name], self.n_axes)
+        f = self.fields.get(name)
+        if varies and isinstance(f, Field) and f.unbounded is not None:
+            return ReceptiveField(None, None, None, False, f.unbounded.module or f.unbounded.node, f.unbounded.reason)
+        return None
 
-    def pre_head(self) -> str | None:
+    def pre_head(self, varying: set[str] | None = None) -> str | None:
         """The map the tiler reproduces: the output when it is spatial (fully convolutional),
-        else the last spatial node in graph order (the map a classifier's head pools)."""
-        if self.output_node is not None and self.is_spatial(self.output_node):
+        else the last spatial node in graph order (the map a classifier's head pools).
+
+        `varying`, the nodes whose shape changes with the input size (from a second run), keeps a
+        network whose map the walk lost track of (attention reshaping the map to tokens and back)
+        from being mistaken for a classifier: its output varies, so the output is the target."""
+        if self.output_node is not None and (self.is_spatial(self.output_node)
+                                             or (varying is not None and self.output_node in varying)):
             return self.output_node
         last = None
         for name in self.fields:
-            if self.is_spatial(name):
+            if self.is_spatial(name) or (varying is not None and name in varying
+                                         and isinstance(self.fields[name], Field)
+                                         and self.fields[name].unbounded is not None
+                                         and any(d is not None for d in self.fields[name].dims)):
                 last = name
         return last
+
+    def varying(self, other: "FieldRun") -> set[str]:
+        """Nodes whose output shape differs between this run and one at another input size."""
+        return {name for name, shape in self.shapes.items()
+                if shape is not None and name in other.shapes and other.shapes[name] != shape}
 
 
 def to_receptive_field(f: Field, n_axes: int) -> ReceptiveField:
@@ -286,11 +305,13 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
 
 class _Unsupported(Exception):
     """The op makes the field unbounded (or has no rule): the message says why. `keeps_layout`:
-    the output still has the input's spatial dims (a norm), so later nodes stay spatial."""
+    the output still has the input's spatial dims (a norm: True; a global pool: False; an op
+    without a rule: when its output has its input's shape), so later nodes stay spatial."""
 
-    def __init__(self, reason: str, keeps_layout: bool = False):
+    def __init__(self, reason: str, keeps_layout: bool | None = None, lost: bool | None = None):
         super().__init__(reason)
-        self.keeps_layout = keeps_layout
+        self.keeps_layout = keeps_layout  # None: when the output has the input's shape
+        self.lost = reason.startswith("no receptive-field rule") if lost is None else lost
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -382,7 +403,7 @@ def _compose(actual: Field, rel: Field, node: str, prefix: str) -> Field:
     unbounded = None
     if rel.unbounded is not None:
         path = f"{prefix}.{rel.unbounded.module}" if rel.unbounded.module else prefix
-        unbounded = Unbounded(node, path, rel.unbounded.reason)
+        unbounded = Unbounded(node, path, rel.unbounded.reason, rel.unbounded.lost)
     return Field(tuple(dims), unbounded)
 
 
@@ -502,14 +523,20 @@ class _Rules:
         try:
             result = self._dispatch(n, args, kwargs, out, fields)
         except _Unsupported as exc:
-            result = self._unbounded(n, str(exc), out, live if exc.keeps_layout else [])
+            keep = exc.keeps_layout
+            if keep is None:
+                keep = any(isinstance(v, TENSOR_LIKE) and isinstance(out, TENSOR_LIKE) and v.shape == out.shape
+                           for v in _flat(args) + _flat(kwargs))
+            result = self._unbounded(n, str(exc), out, live if keep else [], exc.lost)
         first_unbounded = next((f.unbounded for f in live if f.unbounded is not None), None)
-        if first_unbounded is not None:  # an input's unbounded origin comes first
-            result = _map_fields(result, lambda f: f if f.static else replace(f, unbounded=first_unbounded))
+        if first_unbounded is not None:  # an input's unbounded origin comes first, unless it only lost
+            own = next((f.unbounded for f in _flat_fields(result) if isinstance(f, Field) and f.unbounded), None)
+            if not (first_unbounded.lost and own is not None and not own.lost):
+                result = _map_fields(result, lambda f: f if f.static else replace(f, unbounded=first_unbounded))
         return result
 
-    def _unbounded(self, n, reason: str, out, live: list[Field]) -> Any:
-        where = Unbounded(n.name, self.where(n), reason)
+    def _unbounded(self, n, reason: str, out, live: list[Field], lost: bool = False) -> Any:
+        where = Unbounded(n.name, self.where(n), reason, lost)
         # keep the spatial dims where the output keeps the input's layout, for the spatial tracking
         dims_from = next((f for f in live if len(f.axes()) == self.n_axes), None)
 
@@ -821,8 +848,8 @@ class _Rules:
             if dims[dim] is None or size is None:
                 continue
             if int(size) == 1:
-                raise _Unsupported(f"{what} to 1: global pooling over the whole map")
-            raise _Unsupported(f"{what} to a fixed {size}-wide grid: its windows grow with the input")
+                raise _Unsupported(f"{what} to 1: global pooling over the whole map", keeps_layout=False)
+            raise _Unsupported(f"{what} to a fixed {size}-wide grid: its windows grow with the input", keeps_layout=False)
         return Field(tuple(dims))
 
     def _resize(self, fld, x, out, mode, scale_factor, align_corners, recompute, antialias, fixed) -> Field:
@@ -920,7 +947,7 @@ class _Rules:
             {int(d) % rank for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         hit = [fld.dims[d] for d in reduced if fld.dims[d] is not None]
         if hit:
-            raise _Unsupported(f"{name} over {_axes_text(hit)}: global pooling over the whole map")
+            raise _Unsupported(f"{name} over {_axes_text(hit, self.n_axes)}: global pooling over the whole map", keeps_layout=False)
         dims = [m for d, m in enumerate(fld.dims) if keepdim or d not in reduced]
         if keepdim:
             dims = [None if d in reduced else m for d, m in enumerate(fld.dims)]
@@ -1026,7 +1053,7 @@ class _Rules:
                     raise _Unsupported("selects one position of a spatial axis (not translation-equivariant)")
             else:
                 if m is not None:
-                    raise _Unsupported("tensor indexing of a spatial axis")
+                    raise _Unsupported("tensor indexing of a spatial axis", lost=True)
                 dims.append(None)
             d += 1
         if len(dims) != out.dim():
@@ -1102,7 +1129,7 @@ def _regroup(in_shape: list[int], in_dims: list[AxisMap | None], out_shape: list
             continue
         if i >= len(in_shape) or j >= len(out_shape):
             if any(in_dims[k] is not None for k in range(i, len(in_shape))):
-                raise _Unsupported("reshape drops a spatial axis")
+                raise _Unsupported("reshape drops a spatial axis", lost=True)
             break
         gi, gj = [i], [j]
         pi, pj = in_shape[i], out_shape[j]
@@ -1124,12 +1151,15 @@ def _regroup(in_shape: list[int], in_dims: list[AxisMap | None], out_shape: list
         if len(gi) == 1 and len(gj) == 1:
             out[gj[0]] = in_dims[gi[0]]
         else:
-            raise _Unsupported("reshape merges or splits a spatial axis (positions leave their grid)")
+            raise _Unsupported("reshape merges or splits a spatial axis (positions leave their grid)", lost=True)
     return out
 
 
-def _axes_text(maps: list[AxisMap]) -> str:
-    return ", ".join(dict.fromkeys(f"input axis {m.axis}" for m in sorted(maps, key=lambda m: m.axis)))
+def _axes_text(maps: list[AxisMap], n_axes: int) -> str:
+    from mixfx.shapes import spatial_symbol_names
+
+    names = spatial_symbol_names(n_axes + 2)
+    return ", ".join(dict.fromkeys(names[m.axis] for m in sorted(maps, key=lambda m: m.axis)))
 
 
 def _has_tensor(value: Any) -> bool:
@@ -1232,17 +1262,18 @@ def attach_receptive_fields(report: Any, gm: torch.fx.GraphModule) -> None:
         report.notes.append(f"Receptive field not computed: the meta run failed ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).")
         return
+    varying = {info.name for info in report.nodes if info.depends_on}  # the analysis' own concrete runs
     for info in report.nodes:
-        info.receptive_field = run.receptive_field(info.name)
+        info.receptive_field = run.receptive_field(info.name, info.name in varying)
     head = getattr(report, "head", None)
     target = None
     if head is not None:  # the head's spatial input: the map it pools
         gm_nodes = {n.name: n for n in gm.graph.nodes}
         node = gm_nodes.get(head.node)
         if node is not None:
-            target = next((a.name for a in node.all_input_nodes if run.is_spatial(a.name)), None)
-    target = target or run.pre_head()
-    report.receptive_field = run.receptive_field(target) if target is not None else None
+            target = next((a.name for a in node.all_input_nodes if a.name in varying or run.is_spatial(a.name)), None)
+    target = target or run.pre_head(varying)
+    report.receptive_field = run.receptive_field(target, target in varying) if target is not None else None
     rf = report.receptive_field
     report.tileable = bool(rf is not None and rf.bounded and not report.global_mixing
                            and not getattr(report, "global_context", []))

@@ -59,8 +59,11 @@ def tile(model: nn.Module, x: torch.Tensor, tile: int | Sequence[int] = 512, *, 
     traced = trace(model, torch.empty(x.shape, dtype=x.dtype, device="meta"), leaves=leaves)
     gm = traced.graph_module
     run = compute_fields(gm, x.shape, inference=False)
-    target = _target(gm, run, up_to)
+    target = _target(gm, run, up_to, _varying(gm, run, x.shape))
     field = run.fields[target]
+    if field.unbounded is None and not run.is_spatial(target):
+        raise NotTileableError(f"tile(): the receptive field of `{target}` could not be followed to the input.",
+                               "Pass up_to= an earlier spatial map.")
     if field.unbounded is not None:
         u = field.unbounded
         raise NotTileableError(
@@ -144,20 +147,34 @@ def _plan_axis(m: AxisMap, n_in: int, n_out: int, tile: int) -> list[_Piece]:
     return pieces
 
 
-def _target(gm: torch.fx.GraphModule, run: FieldRun, up_to: str | None) -> str:
+def _varying(gm: torch.fx.GraphModule, run: FieldRun, shape) -> set[str] | None:
+    """Nodes whose shape changes with the input size, from a meta run at a second size (the
+    first that runs of a few near the image's)."""
+    for delta in (-64, 64, -32, 32, -96, 96, 128):
+        other = (*shape[:2], *(max(8, n + delta) for n in shape[2:]))
+        try:
+            return run.varying(compute_fields(gm, other, inference=False))
+        except Exception:  # noqa: BLE001 - a size the model does not take: try another
+            continue
+    return None
+
+
+def _target(gm: torch.fx.GraphModule, run: FieldRun, up_to: str | None, varying: set[str] | None = None) -> str:
     if up_to is None:
-        target = run.pre_head()
+        target = run.pre_head(varying)
         if target is None:
             raise NotTileableError("tile(): the model has no spatial map to tile (no node keeps the input's "
                                    "spatial axes).", "Check the input shape, or pass up_to=.")
         return target
-    by_module = [n.name for n in gm.graph.nodes if n.op != "output" and _module_of(n) == up_to]
+    by_module = [n.name for n in gm.graph.nodes  # the last node inside that module: its output
+                 if n.op != "output" and (_module_of(n) or "").startswith(up_to)
+                 and (_module_of(n) == up_to or _module_of(n)[len(up_to)] == ".")]
     names = {n.name for n in gm.graph.nodes}
     name = up_to if up_to in names else (by_module[-1] if by_module else None)
     if name is None:
         raise InputSpecError(f"tile(up_to={up_to!r}): no node or module of that name in the traced graph.",
                              "Use a node name from `mixfx analyze --nodes` or a module path such as 'layer4'.")
-    if not run.is_spatial(name):
+    if not run.is_spatial(name) and run.fields[name].unbounded is None:
         raise NotTileableError(f"tile(up_to={up_to!r}): node `{name}` is not a spatial map.",
                                "Pick a node whose output keeps the input's spatial axes.")
     return name
