@@ -1293,6 +1293,15 @@ def summary_line(rf: ReceptiveField | None, tileable: bool) -> str | None:
     return f"receptive field {size} px, stride {stride} ({state})"
 
 
+def short_text(rf: ReceptiveField | None) -> str:
+    """One node's field in a table cell: `427x427 /32`, `unbounded`, or empty."""
+    if rf is None:
+        return ""
+    if not rf.bounded:
+        return "unbounded"
+    return "x".join(str(v) for v in rf.size) + " /" + "x".join(dict.fromkeys(_fmt(v) for v in rf.stride))
+
+
 def halo_px(rf: ReceptiveField) -> list[int]:
     """Per axis, the input pixels a tile needs beyond the pixels its outputs own: half the field."""
     return [max(0, math.ceil((s - 1) / 2)) for s in rf.size]
@@ -1303,4 +1312,4 @@ def _fmt(x: int | float) -> str:
 
 
 __all__ = ["AxisMap", "Field", "FieldRun", "Unbounded", "compute_fields", "attach_receptive_fields", "summary_line",
-           "to_receptive_field", "halo_px", "op_name"]
+           "to_receptive_field", "halo_px", "op_name", "short_text"]

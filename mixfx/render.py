@@ -6,6 +6,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport
 
 CLASS_STYLE = {"convolutional": "bold green", "polymorphic": "bold yellow", "fixed": "bold red"}
@@ -25,6 +26,9 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
     info.add_row("head", f"{report.head.module or report.head.node} ({report.head.op}"
                  f"{', top level' if not report.head.module else ''}, node {report.head.node})"
                  if report.head else ("none: the output is spatial" if report.fully_convolutional else "-"))
+    rf_line = summary_line(report.receptive_field, report.tileable)  # issue 14
+    if rf_line:
+        info.add_row("field", rf_line.removeprefix("receptive field "))
     info.add_row("constraints", "; ".join(_short_constraint(c) for c in report.constraints) or "none found")
     checks = []
     for c in report.concrete_checks:
@@ -65,11 +69,12 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
 
 def render_nodes(report: AnalysisReport, console: Console) -> None:
     t = Table(title="Nodes", title_justify="left")
-    for col in ("#", "node", "op", "module", "shape", "status"):
+    for col in ("#", "node", "op", "module", "shape", "status", "field"):
         t.add_column(col, overflow="fold")
     for i, n in enumerate(report.nodes):
         style = STATUS_STYLE.get(n.status, "")
-        t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style))
+        t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style),
+                  short_text(n.receptive_field))
     console.print(t)
 
 
