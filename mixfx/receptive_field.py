@@ -1294,12 +1294,13 @@ def summary_line(rf: ReceptiveField | None, tileable: bool) -> str | None:
 
 
 def short_text(rf: ReceptiveField | None) -> str:
-    """One node's field in a table cell: `427x427 /32`, `unbounded`, or empty."""
+    """One node's field in a narrow table cell: `427/32` (size/stride, one figure when every axis
+    agrees), `∞` when unbounded, or empty."""
     if rf is None:
         return ""
     if not rf.bounded:
-        return "unbounded"
-    return "x".join(str(v) for v in rf.size) + " /" + "x".join(dict.fromkeys(_fmt(v) for v in rf.stride))
+        return "\u221e"
+    return "x".join(dict.fromkeys(str(v) for v in rf.size)) + "/" + "x".join(dict.fromkeys(_fmt(v) for v in rf.stride))
 
 
 def halo_px(rf: ReceptiveField) -> list[int]:

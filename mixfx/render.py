@@ -70,7 +70,7 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
 def render_nodes(report: AnalysisReport, console: Console) -> None:
     t = Table(title="Nodes", title_justify="left")
     for col in ("#", "node", "op", "module", "shape", "status", "field"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", min_width=14 if col == "module" else None)  # module paths unbroken
     for i, n in enumerate(report.nodes):
         style = STATUS_STYLE.get(n.status, "")
         t.add_row(str(i), n.name, n.op, n.module or "", n.shape or "", Text(n.status, style=style),
