@@ -16,7 +16,8 @@ from mixfx.
 
 Timing: each timm model in a fresh subprocess, `mixfx.analyze` with and without the receptive
 field hook (`mixfx.receptive_field.attach_receptive_fields` replaced by a no-op), alternating,
-median of --runs each after one warm-up of each.
+median of --runs each after one warm-up of each; the walk's cache of leaf-module results is
+cleared before each run, as in a fresh process.
 
 Writes bench/results/receptive_field.json and prints tables."""
 from __future__ import annotations
@@ -42,7 +43,8 @@ from _common import RESULTS  # noqa: E402
 
 MODELS = ["tv:resnet50", "timm:resnet50", "timm:resnet18", "tv:vgg11", "tv:densenet121", "tv:mobilenet_v2",
           "timm:mobilenetv2_100", "timm:efficientnet_b0", "timm:regnetx_002", "timm:regnety_002",
-          "timm:convnext_atto", "timm:resnet18d", "unet:nearest", "unet:bilinear", "unet:tconv"]
+          "timm:convnext_atto", "timm:resnet18d", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_0", "tv:googlenet",
+          "timm:dla34", "timm:mobilenetv3_small_100", "unet:nearest", "unet:bilinear", "unet:tconv"]
 TIMING_MODELS = ["resnet18", "resnet50", "efficientnet_b0", "convnext_atto", "regnetx_002", "mobilenetv3_small_100",
                  "densenet121", "vgg11"]
 
@@ -217,6 +219,7 @@ def timing_child(name: str, runs: int) -> dict:
 
     def timed(enabled: bool) -> float:
         rfmod.attach_receptive_fields = original if enabled else (lambda report, gm: None)
+        rfmod._INNER_RESULTS.clear()  # as in a fresh process: no leaf module walked before
         t0 = time.perf_counter()
         report = mixfx.analyze(model, input_shape=shape)
         dt = time.perf_counter() - t0

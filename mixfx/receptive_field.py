@@ -347,6 +347,9 @@ def _walk(gm: torch.fx.GraphModule, inputs: list[Any], rules: "_Rules") -> Field
     fields: dict[str, Any] = {}
     shapes: dict[str, Any] = {}
 
+    def getf(a: Any) -> Any:
+        return _field_of(a, fields)
+
     class _Walk(_MetaInterpreter):
         last: tuple = (None, None)
 
@@ -360,7 +363,7 @@ def _walk(gm: torch.fx.GraphModule, inputs: list[Any], rules: "_Rules") -> Field
             if n.op in ("call_module", "call_function", "call_method"):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = super().run_node(n)
-            fields[n.name] = rules.field(n, args, kwargs, out, fields)
+            fields[n.name] = rules.field(n, args, kwargs, out, getf)
             shapes[n.name] = _shape_of(out)
             return out
 
@@ -370,9 +373,7 @@ def _walk(gm: torch.fx.GraphModule, inputs: list[Any], rules: "_Rules") -> Field
     return FieldRun((), rules.n_axes, fields, shapes, first.name if first is not None else None)
 
 
-# fx graphs of leaf modules, per module configuration (`_config_key`): tracing costs ~10 ms, and a
-# network has dozens of identical BatchNormAct2d; bounded, so that it cannot grow without end
-_INNER_GRAPHS: dict[Any, Any] = {}
+# relative results of leaf modules (`_Rules._inner`), per configuration and input shape; bounded
 _INNER_LIMIT = 512
 
 
@@ -423,57 +424,61 @@ def _compose(actual: Field, rel: Field, node: str, prefix: str) -> Field:
     return Field(tuple(dims), unbounded)
 
 
-def _inner_walk(mod: nn.Module, graph: torch.fx.Graph, inputs: list[Any], rules: "_Rules") -> FieldRun:
-    """Walk a leaf module's own graph on meta tensors (plain interpreter: the graph is small)."""
-    from mixfx.shape_rules import materialise
-    from mixfx.shapes import _FunctionShortcuts
+class _Call:
+    """Stands in for an fx node for one torch call of an eager walk."""
 
-    if len(_INNER_GRAPHS) > _INNER_LIMIT or len(_INNER_RESULTS) > _INNER_LIMIT:
-        _INNER_GRAPHS.clear()
-        _INNER_RESULTS.clear()
-    fields: dict[str, Any] = {}
+    __slots__ = ("op", "target", "args", "kwargs", "name", "meta")
 
-    class _Walk(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            args = kwargs = None
-            if n.op in ("call_module", "call_function", "call_method"):
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-            out = _same_shape_shortcut(n, mod, args, rules.inference)
-            if out is None:
-                out = super().run_node(n)
-            fields[n.name] = rules.field(n, args, kwargs, out, fields)
+    def __init__(self, func: Any, args: tuple, kwargs: dict):
+        self.op, self.target, self.args, self.kwargs = "call_function", func, args, kwargs
+        self.name, self.meta = op_name(func), {}
+
+
+def _eager_walk(mod: nn.Module, args: tuple, kwargs: dict, seeds: list[Any], rules: "_Rules") -> Any:
+    """Run `mod` on meta tensors; every torch function call gets its field from `rules`, from the
+    fields of its tensor arguments (by identity). Returns the fields of the output."""
+    from torch.overrides import TorchFunctionMode
+
+    from mixfx.shape_rules import NOT_HANDLED, ShapeRules, materialise
+
+    args, kwargs = materialise(args), materialise(kwargs)
+    fields: dict[int, tuple[Any, Any]] = {}  # id -> (value kept alive, field)
+
+    def getf(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            entry = fields.get(id(a))
+            return entry[1] if entry is not None and entry[0] is a else STATIC
+        if isinstance(a, (list, tuple)):
+            return [getf(x) for x in a]
+        return STATIC
+
+    def record(value: Any, fld: Any) -> None:
+        if isinstance(value, torch.Tensor) and isinstance(fld, Field):
+            fields[id(value)] = (value, fld)
+        elif isinstance(value, (list, tuple)) and isinstance(fld, list):
+            for v, f in zip(value, fld):
+                record(v, f)
+
+    for value, seed in zip(list(args) + list(kwargs.values()), seeds):
+        record(value, seed)
+    shape_rules = ShapeRules()
+
+    class _Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, a=(), kw=None):
+            kw = kw or {}
+            out = shape_rules.function(func, a, kw)  # meta batch_norm & co. decompose slowly
+            if out is NOT_HANDLED:
+                out = func(*a, **kw)
+            if _has_tensor(out):
+                call = _Call(func, a, kw)
+                rules.calls += 1
+                call.name = f"{call.name}_{rules.calls}"
+                record(out, rules.field(call, a, kw, out, getf))
             return out
 
-    with _FunctionShortcuts():  # shapes from mixfx's rules: a meta batch_norm decomposes slowly (6 ms)
-        _Walk(mod, graph=graph).run(*materialise(list(inputs)))
-    return FieldRun((), rules.n_axes, fields, {}, None)
-
-
-def _same_shape_shortcut(n: torch.fx.Node, root: nn.Module, args: Any, inference: bool) -> Any:
-    """The input itself, for a unary op whose output has its input's shape and dtype (an activation,
-    dropout, BatchNorm in eval): on meta tensors only the shape matters, and running a meta
-    BatchNorm costs milliseconds."""
-    if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
-        return None
-    if n.op == "call_module":
-        mod = root.get_submodule(str(n.target))
-        if _torch_base(mod) is not None and (isinstance(mod, _POINTWISE_MODULES) or (
-                isinstance(mod, nn.modules.batchnorm._BatchNorm) and (inference or not mod.training))):
-            return args[0]
-        return None
-    if n.op == "call_function" and op_name(n.target) in ("batch_norm", "relu", "relu6", "silu", "gelu", "hardswish",
-                                                         "sigmoid", "dropout", "hardsigmoid", "leaky_relu"):
-        return args[0]
-    return None
-
-
-def _structure(value: Any, run: FieldRun) -> Any:
-    """The fields of an inner graph's output, in the output's structure."""
-    if isinstance(value, torch.fx.Node):
-        return run.fields.get(value.name, STATIC)
-    if isinstance(value, (tuple, list)):
-        return [_structure(v, run) for v in value]
-    return STATIC
+    with _Mode(), torch.no_grad():
+        result = mod(*args, **kwargs)
+    return _map_values(result, getf) if not isinstance(result, torch.Tensor) else getf(result)
 
 
 def _first_node(value: Any) -> torch.fx.Node | None:
@@ -503,15 +508,14 @@ STATIC = Field((), static=True)
 class _Rules:
     """One Field per node, from its inputs' Fields and the concrete argument values."""
 
-    def __init__(self, gm: torch.fx.GraphModule, n_axes: int, inference: bool, *,
-                 seeds: list[Any] | None = None, prefix: str | None = None):
+    def __init__(self, gm: nn.Module, n_axes: int, inference: bool, *, prefix: str | None = None):
         self.gm = gm
         self.n_axes = n_axes
         self.inference = inference
         self.seen_input = False
-        self.seeds = list(seeds) if seeds is not None else None  # fields of the placeholders, for an inner walk
         self.prefix = prefix  # module path of the leaf module an inner walk is inside
         self.modules: dict[str, nn.Module] | None = None
+        self.calls = 0  # torch calls seen by an eager walk (names its pseudo-nodes)
 
     def where(self, n: torch.fx.Node) -> str | None:
         path = _module_path(n)
@@ -520,10 +524,8 @@ class _Rules:
         return f"{self.prefix}.{path}" if path else self.prefix
 
     # -- entry --------------------------------------------------------------------------------
-    def field(self, n: torch.fx.Node, args, kwargs, out, fields) -> Any:
+    def field(self, n: Any, args, kwargs, out, getf: Callable[[Any], Any]) -> Any:
         if n.op == "placeholder":
-            if self.seeds is not None:
-                return self.seeds.pop(0) if self.seeds else STATIC
             if not self.seen_input and isinstance(out, TENSOR_LIKE) and out.dim() == self.n_axes + 2:
                 self.seen_input = True
                 return Field((None, None, *(AxisMap(k, 1, 0, 0) for k in range(self.n_axes))))
@@ -532,12 +534,12 @@ class _Rules:
             return STATIC
         if out is None or not _has_tensor(out):
             return STATIC  # sizes, flags: no pixels
-        in_fields = _collect(n.args, fields) + _collect(n.kwargs, fields)
+        in_fields = _collect(n.args, getf) + _collect(n.kwargs, getf)
         live = [f for f in in_fields if isinstance(f, Field) and not f.static]
         if not live:
             return _like(out, STATIC)
         try:
-            result = self._dispatch(n, args, kwargs, out, fields)
+            result = self._dispatch(n, args, kwargs, out, getf)
         except _Unsupported as exc:
             keep = exc.keeps_layout
             if keep is None:
@@ -565,8 +567,7 @@ class _Rules:
         return _map_values(out, one)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _dispatch(self, n, args, kwargs, out, fields) -> Any:
-        f = lambda a: _field_of(a, fields)  # noqa: E731
+    def _dispatch(self, n, args, kwargs, out, f) -> Any:
         if n.op == "call_module":
             if self.modules is None:
                 self.modules = dict(self.gm.named_modules())
@@ -650,37 +651,15 @@ class _Rules:
         raise _Unsupported(f"no receptive-field rule for {tname}")
 
     def _inner(self, mod: nn.Module, n, args, kwargs, out, f) -> Any:
-        """A leaf module (timm's BatchNormAct2d, a user's `--leaf`) is still made of ops: trace
-        its forward with a plain fx tracer and walk that graph with the inputs' fields."""
-        tname = type(mod).__name__
-        key = _config_key(mod)
-        key = key if key is not None else id(mod)
-        if key not in _INNER_GRAPHS:
-            try:
-                _INNER_GRAPHS[key] = torch.fx.Tracer().trace(mod)
-            except Exception as exc:  # noqa: BLE001 - untraceable: no rule
-                _INNER_GRAPHS[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-        graph = _INNER_GRAPHS[key]
-        if isinstance(graph, str):
-            raise _Unsupported(f"no receptive-field rule for {tname} (its forward cannot be traced: {graph})")
-        placeholders = [p for p in graph.nodes if p.op == "placeholder"]
-        values, seeds = [], []
-        for i, p in enumerate(placeholders):
-            if i < len(args):
-                values.append(args[i])
-                seeds.append(f(n.args[i]))
-            elif p.target in kwargs:
-                values.append(kwargs[p.target])
-                seeds.append(f(n.kwargs[p.target]))
-            else:
-                values.append(p.args[0] if p.args else None)
-                seeds.append(STATIC)
+        """A leaf module (timm's BatchNormAct2d, a user's `--leaf`) is still made of ops: run its
+        forward on meta tensors under a function mode that applies the same rules per torch call."""
         prefix = _module_path(n) or n.name
-        out_node = next(x for x in reversed(graph.nodes) if x.op == "output")
+        values = list(args) + list(kwargs.values())
+        seeds = [f(a) for a in n.args] + [f(a) for a in n.kwargs.values()]
         live = [(i, sd) for i, sd in enumerate(seeds) if isinstance(sd, Field) and not sd.static]
-        if isinstance(key, int) or len(live) != 1 or len(live[0][1].axes()) != self.n_axes:
-            run = _inner_walk(mod, graph, values, _Rules(mod, self.n_axes, self.inference, seeds=seeds, prefix=prefix))
-            return _structure(out_node.args[0], run)
+        key = _config_key(mod)
+        if key is None or len(live) != 1 or len(live[0][1].axes()) != self.n_axes:
+            return _eager_walk(mod, args, kwargs, seeds, _Rules(mod, self.n_axes, self.inference, prefix=prefix))
         # One input carrying the whole map: walk once per configuration and input shape with
         # identity maps, then compose that relative result onto the actual input's maps.
         i, seed = live[0]
@@ -688,12 +667,13 @@ class _Rules:
                           for v in values if isinstance(v, (TENSOR_LIKE, int, float, bool, str, type(None))))
         layout = tuple(m.axis if m is not None else None for m in seed.dims)
         rel_key = (key, shape_key, layout, self.inference)
+        if len(_INNER_RESULTS) > _INNER_LIMIT:
+            _INNER_RESULTS.clear()
         if rel_key not in _INNER_RESULTS:
-            identity = Field(tuple(AxisMap(m.axis, 1, 0, 0) if m is not None else None
-                                   for m in seed.dims))
+            identity = Field(tuple(AxisMap(m.axis, 1, 0, 0) if m is not None else None for m in seed.dims))
             rel_seeds = [identity if j == i else sd for j, sd in enumerate(seeds)]
-            run = _inner_walk(mod, graph, values, _Rules(mod, self.n_axes, self.inference, seeds=rel_seeds))
-            _INNER_RESULTS[rel_key] = _structure(out_node.args[0], run)
+            _INNER_RESULTS[rel_key] = _eager_walk(mod, args, kwargs, rel_seeds,
+                                                  _Rules(mod, self.n_axes, self.inference))
         return _map_fields(_INNER_RESULTS[rel_key], lambda rel: _compose(seed, rel, n.name, prefix))
 
     # -- functions and methods -----------------------------------------------------------------
@@ -755,7 +735,8 @@ class _Rules:
             return self._pointwise(n, [(f0, a0)], out)
         if name == "instance_norm":
             if _arg(args, kwargs, 5, "use_input_stats", True):
-                raise _Unsupported("instance_norm normalises with statistics over H, W (global context)", keeps_layout=True)
+                raise _Unsupported("instance_norm normalises with statistics over H, W (global context)",
+                                   keeps_layout=True)
             return self._pointwise(n, [(f0, a0)], out)
         if name == "group_norm":
             raise _Unsupported("group_norm normalises with statistics over H, W (global context)", keeps_layout=True)
@@ -869,7 +850,8 @@ class _Rules:
                 continue
             if int(size) == 1:
                 raise _Unsupported(f"{what} to 1: global pooling over the whole map", keeps_layout=False)
-            raise _Unsupported(f"{what} to a fixed {size}-wide grid: its windows grow with the input", keeps_layout=False)
+            raise _Unsupported(f"{what} to a fixed {size}-wide grid: its windows grow with the input",
+                               keeps_layout=False)
         return Field(tuple(dims))
 
     def _resize(self, fld, x, out, mode, scale_factor, align_corners, recompute, antialias, fixed) -> Field:
@@ -967,7 +949,8 @@ class _Rules:
             {int(d) % rank for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         hit = [fld.dims[d] for d in reduced if fld.dims[d] is not None]
         if hit:
-            raise _Unsupported(f"{name} over {_axes_text(hit, self.n_axes)}: global pooling over the whole map", keeps_layout=False)
+            raise _Unsupported(f"{name} over {_axes_text(hit, self.n_axes)}: global pooling over the whole map",
+                               keeps_layout=False)
         dims = [m for d, m in enumerate(fld.dims) if keepdim or d not in reduced]
         if keepdim:
             dims = [None if d in reduced else m for d, m in enumerate(fld.dims)]
@@ -1203,17 +1186,12 @@ def _has_tensor(value: Any) -> bool:
     return False
 
 
-def _collect(value: Any, fields: dict[str, Any]) -> list[Any]:
+def _collect(value: Any, getf: Callable[[Any], Any]) -> list[Any]:
+    """The fields of every value inside `value` (fx nodes, or tensors in an eager walk)."""
     out: list[Any] = []
 
     def walk(v):
-        if isinstance(v, torch.fx.Node):
-            fv = fields.get(v.name)
-            if isinstance(fv, list):
-                out.extend(_flat_fields(fv))
-            else:
-                out.append(fv)
-        elif isinstance(v, (tuple, list)):
+        if isinstance(v, (tuple, list)):
             for x in v:
                 walk(x)
         elif isinstance(v, dict):
@@ -1221,6 +1199,9 @@ def _collect(value: Any, fields: dict[str, Any]) -> list[Any]:
                 walk(x)
         elif isinstance(v, slice):
             walk((v.start, v.stop, v.step))
+        else:
+            fv = getf(v)
+            out.extend(_flat_fields(fv) if isinstance(fv, list) else [fv])
     walk(value)
     return out
 

@@ -282,3 +282,24 @@ def test_json_has_the_receptive_field_keys():
     assert d["tileable"] is True
     conv0 = next(n for n in d["nodes"] if n["name"] == "_0")
     assert conv0["receptive_field"]["size"] == [3, 3]
+
+
+class Pair(nn.Module):
+    """Made a leaf module below: the walk runs its forward eagerly and applies the same rules."""
+
+    def __init__(self, c, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=stride, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.bn(self.conv(x))), 3, 1, 1)
+        return y + x[:, :, ::self.conv.stride[0], ::self.conv.stride[1]] if self.conv.stride[0] > 1 else y + x
+
+
+def test_leaf_modules_are_walked_inside():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Pair(4, 2), Pair(4, 1), Pair(4, 2))
+    report = mixfx.analyze(model, torch.zeros(1, 3, 64, 80), leaves=("Pair",))
+    assert any(n.op == "Pair" for n in report.nodes)  # really leaves
+    size, stride = closed_form([(3, 1, 1), (3, 2, 1), (3, 1, 1), (3, 1, 1), (3, 1, 1), (3, 2, 1), (3, 1, 1)])
+    assert report.receptive_field.size == [size, size] and report.receptive_field.stride == [stride, stride]

@@ -145,3 +145,29 @@ def test_refuses_batchnorm_in_training_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
     with pytest.raises(NotTileableError, match="eval"):
         mixfx.tile(model, torch.randn(2, 3, 32, 32), 16)
+
+
+class SuperResolution(nn.Module):
+    """Output 3x the input: pixel shuffle and bicubic up, a strided conv down, nearest x3 up (output
+    stride 1/3 input pixel, fractional maps all the way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.c = nn.Conv2d(3, 3, 5, stride=2, padding=2)
+
+    def forward(self, x):
+        y = self.b(F.pixel_shuffle(self.a(x), 2)) + F.interpolate(x, scale_factor=2, mode="bicubic")
+        return F.interpolate(self.c(y), scale_factor=3, mode="nearest")
+
+
+def test_fractional_output_stride_tiled_equals_whole():
+    torch.manual_seed(3)
+    model = SuperResolution().eval()
+    x = torch.randn(1, 3, 77, 91)
+    with torch.no_grad():
+        ref = model(x)
+    out = mixfx.tile(model, x, (20, 24))
+    assert out.shape == ref.shape == (1, 3, 231, 273)
+    assert _rel_err(out, ref) <= 1e-5
