@@ -434,6 +434,32 @@ class _Call:
         self.name, self.meta = op_name(func), {}
 
 
+_FLOAT_ELEMENTWISE = {"relu", "relu6", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh", "mish", "elu",
+                      "leaky_relu", "hardtanh", "clamp", "add", "sub", "mul", "div", "truediv", "neg", "dropout",
+                      "iadd", "isub", "imul", "itruediv", "radd", "rsub", "rmul"}
+
+
+def _float_elementwise(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The result of a float elementwise op on meta tensors, from broadcasting alone (the input
+    itself when in place), or None to run the op."""
+    raw = getattr(func, "__name__", "")
+    if op_name(func) not in _FLOAT_ELEMENTWISE:
+        return None
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not tensors or not all(t.is_meta and t.dtype == tensors[0].dtype and t.is_floating_point() for t in tensors):
+        return None
+    if not isinstance(args[0], torch.Tensor) or kwargs.get("out") is not None:
+        return None
+    if kwargs.get("inplace") or (len(args) > 1 and args[-1] is True and raw in ("relu", "relu6", "hardswish",
+                                                                              "hardsigmoid", "silu", "mish",
+                                                                              "leaky_relu", "hardtanh", "elu",
+                                                                              "dropout")) \
+            or (raw.endswith("_") and not raw.endswith("__")) or raw.startswith("__i"):
+        return args[0]
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+
+
 def _eager_walk(mod: nn.Module, args: tuple, kwargs: dict, seeds: list[Any], rules: "_Rules") -> Any:
     """Run `mod` on meta tensors; every torch function call gets its field from `rules`, from the
     fields of its tensor arguments (by identity). Returns the fields of the output."""
@@ -466,7 +492,9 @@ def _eager_walk(mod: nn.Module, args: tuple, kwargs: dict, seeds: list[Any], rul
     class _Mode(TorchFunctionMode):
         def __torch_function__(self, func, types, a=(), kw=None):
             kw = kw or {}
-            out = shape_rules.function(func, a, kw)  # meta batch_norm & co. decompose slowly
+            out = _float_elementwise(func, a, kw)  # meta kernels of elementwise ops run as Python refs (~1 ms)
+            if out is None:
+                out = shape_rules.function(func, a, kw)  # meta batch_norm & co. decompose slowly
             if out is NOT_HANDLED:
                 out = func(*a, **kw)
             if _has_tensor(out):
