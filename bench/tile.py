@@ -1,7 +1,7 @@
 """Issue 14's tiling benchmark: a U-Net-style net on a large image, whole vs `mixfx.tile` vs
 MONAI-style overlapping windows averaged (a few lines of slicing, no MONAI).
 
-    python bench/tile.py [--size 4096] [--tile 512] [--channels 16] [--overlap 0.25]
+    python bench/tile.py [--size 4096] [--tile 512] [--channels 16] [--overlap 0.25] [--json tile.json]
 
 Each variant runs in its own subprocess, so that its peak RSS (ru_maxrss) is its own and peaks
 do not mix; every subprocess builds the same seeded model and input, and the whole-image output is
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--variant", choices=["whole", "tiled", "monai"])
     ap.add_argument("--ref")
+    ap.add_argument("--json", default="tile.json", help="file name under bench/results/")
     args = ap.parse_args()
     if args.variant:
         child(args)
@@ -184,7 +185,7 @@ def main() -> None:
            "overlap": args.overlap, "receptive_field": rf.size, "tileable": report.tileable,
            "torch": torch.__version__, "threads": 1, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tile.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
