@@ -5,6 +5,7 @@ Public API (documented in README.md):
 - `mixfx.trace(model, example_input=None, *, leaves=()) -> TraceResult`
 - `mixfx.rewrite(model, to="conv", example_input=None, passes=None) -> RewriteResult`
 - `mixfx.load_model(spec, ...) -> LoadedModel` (the CLI's model specs)
+- `mixfx.tile(model, x, tile=(h, w), *, up_to=None) -> Tensor` (exact tiled inference)
 
 The names are imported on first use (PEP 562 `__getattr__`), so that `import mixfx` and
 `mixfx --help` / `--version` do not import torch (about 3 s).
@@ -17,7 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel",
+__all__ = ["analyze", "trace", "rewrite", "load_model", "tile", "AnalysisReport", "TraceResult", "LoadedModel",
            "RewriteResult", "MixfxError", "__version__"]
 
 # public name -> the submodule that defines it
@@ -31,6 +32,7 @@ _LAZY = {
     "LoadedModel": "mixfx.loading",
     "AnalysisReport": "mixfx.report",
     "MixfxError": "mixfx.errors",
+    "tile": "mixfx.tiling",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from mixfx.loading import LoadedModel, load_model
     from mixfx.report import AnalysisReport
     from mixfx.rewrite import RewriteResult, rewrite
+    from mixfx.tiling import tile
     from mixfx.tracing import TraceResult, trace
 
 

@@ -763,5 +763,9 @@ def analyze(
     if run is not None and run.failure is None and tuple(run.input_shape) == tuple(example_input.shape):
         analyser.example_run = run
     report = analyser.run()
+    t0 = time.perf_counter()  # issue 14: receptive fields, report.receptive_field / .tileable
+    from mixfx.receptive_field import attach_receptive_fields
+    attach_receptive_fields(report, traced.graph_module)
+    analyser.timings["receptive_field_s"] = time.perf_counter() - t0
     report.timings = {"trace_s": trace_s, **analyser.timings, "total_s": time.perf_counter() - t_start}
     return report

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import networkx as nx
 
+from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport, NodeInfo
 
 # Worst first: a folded block takes the worst status of the nodes inside it.
@@ -197,7 +198,8 @@ def _constant_fan_out(nodes: Sequence[NodeInfo]) -> set[str]:
 def _node_data(n: NodeInfo, report: AnalysisReport, block: str | None, change: str | None) -> dict:
     d: dict[str, Any] = {"name": n.name, "module": n.module, "op": n.op, "shape": n.shape,
                          "status": n.status, "depends_on": n.depends_on, "inputs": n.inputs,
-                         "block": block, "detail": n.detail}
+                         "block": block, "detail": n.detail,
+                         "receptive_field": short_text(n.receptive_field) or None}  # issue 14
     for r in report.rigid_nodes:
         if r.node == n.name:
             d.update(reason=r.reason, condition=r.condition, cure=r.cure, kind=r.kind)
@@ -334,6 +336,7 @@ def _header(report: AnalysisReport, title: str | None = None) -> str:
         ("model", f"{report.model} (input {'x'.join(map(str, report.input_shape))}, traced by {report.tracer})"),
         ("output", "[" + ", ".join(report.output_shape) + "]" if report.output_shape else "?"),
         ("head", f"{report.head.module or report.head.node} ({report.head.op})" if report.head else "none found"),
+        ("field", summary_line(report.receptive_field, report.tileable) or "not computed"),
     ]
     cons = "".join(f"<li><code>{e(c)}</code></li>" for c in report.constraints) or "<li>none found</li>"
     rigid = "".join(
@@ -541,6 +544,7 @@ function show(svg,name){
   const el=svg.querySelector('.node[data-node="'+CSS.escape(name)+'"]'); if(el) el.classList.add('selected');
   const rows=[['graph',Object.keys(DATA).length>1?svg.dataset.graph:null],['node',d.name],['module path',d.module||'(top level)'],['op',d.op],
     ['symbolic shape',d.shape],['status',d.status],['depends on',(d.depends_on||[]).join(', ')||'no input dim'],
+    ['receptive field',d.receptive_field],
     ['reason',d.reason||d.detail],['condition',d.condition],['cure',d.cure],['rewrite',d.change],
     ['block',d.block],['inputs',(d.inputs||[]).join(', ')]];
   const dl=document.querySelector('#details dl'); dl.textContent='';

@@ -7,6 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport
 
 CLASS_STYLE = {"convolutional": "bold green", "polymorphic": "bold yellow", "fixed": "bold red"}
@@ -26,6 +27,9 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
     info.add_row("head", f"{report.head.module or report.head.node} ({report.head.op}"
                  f"{', top level' if not report.head.module else ''}, node {report.head.node})"
                  if report.head else ("none: the output is spatial" if report.fully_convolutional else "-"))
+    rf_line = summary_line(report.receptive_field, report.tileable)  # issue 14
+    if rf_line:
+        info.add_row("field", rf_line.removeprefix("receptive field "))
     info.add_row("constraints", "; ".join(_short_constraint(c) for c in report.constraints) or "none found")
     checks = []
     for c in report.concrete_checks:
@@ -77,22 +81,24 @@ def render_nodes(report: AnalysisReport, console: Console) -> None:
             name = n.module
         else:
             name = f"{n.module} (node {n.name})"
-        rows.append((str(i), name, n.op, n.status, n.shape or ""))
+        rows.append((str(i), name, n.op, n.status, n.shape or "", short_text(n.receptive_field)))
     # fixed widths: the shape formula gets what the other columns leave (rich would shrink it most)
     width = max(60, console.width)
     idx_w = max((len(r[0]) for r in rows), default=1)
     name_w = min(max((len(r[1]) for r in rows), default=4), width // 4)
     op_w = min(max((len(r[2]) for r in rows), default=2), 12)
     status_w = max((len(r[3]) for r in rows), default=6)
-    shape_w = max(16, width - idx_w - name_w - op_w - status_w - 2 * 4 - 2)  # 1 padding each side of 4 joins
+    field_w = max((len(r[5]) for r in rows), default=5)
+    shape_w = max(16, width - idx_w - name_w - op_w - status_w - field_w - 2 * 5 - 2)  # 1 padding each side of 5 joins
     t = Table(title="Nodes", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("#", justify="right", width=idx_w)
     t.add_column("module / node", overflow="fold", width=name_w)
     t.add_column("op", overflow="fold", width=op_w)
     t.add_column("status", no_wrap=True, width=status_w)
     t.add_column("shape", overflow="fold", width=shape_w)
-    for i, name, op, status, shape in rows:
-        t.add_row(i, name, op, Text(status, style=STATUS_STYLE.get(status, "")), shape)
+    t.add_column("field", no_wrap=True, width=field_w)  # receptive field size/stride, ∞ when unbounded
+    for i, name, op, status, shape, field in rows:
+        t.add_row(i, name, op, Text(status, style=STATUS_STYLE.get(status, "")), shape, field)
     console.print(t)
 
 
