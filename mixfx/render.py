@@ -87,9 +87,10 @@ def render_nodes(report: AnalysisReport, console: Console) -> None:
     idx_w = max((len(r[0]) for r in rows), default=1)
     name_w = min(max((len(r[1]) for r in rows), default=4), width // 4)
     op_w = min(max((len(r[2]) for r in rows), default=2), 12)
-    status_w = max((len(r[3]) for r in rows), default=6)
-    field_w = max((len(r[5]) for r in rows), default=5)
-    shape_w = max(16, width - idx_w - name_w - op_w - status_w - field_w - 2 * 5 - 2)  # 1 padding each side of 5 joins
+    status_w = max([len("status")] + [len(r[3]) for r in rows])
+    field_w = max([len("field")] + [len(r[5]) for r in rows])
+    # each of the 5 joins between the 6 columns takes 3 characters (padding, rule, padding)
+    shape_w = max(16, width - idx_w - name_w - op_w - status_w - field_w - 3 * 5)
     t = Table(title="Nodes", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("#", justify="right", width=idx_w)
     t.add_column("module / node", overflow="fold", width=name_w)
