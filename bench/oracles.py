@@ -1,0 +1,528 @@
+"""Ground truth for mixfx's verdicts, written apart from the analyser (issue 13, item 9).
+
+Nothing here imports mixfx: the oracles use torch and the eager model only, so a wrong idea in the
+analyser cannot be repeated in the check of it.
+
+- `size_search`: is the model `fixed`? Forward the eager model at many candidate sizes (H != W,
+  never 1; multiples of 7, 8, 14, 16, 32, 7*32, ... and nearby sizes, smaller and larger than the
+  example, including sizes with the example's pixel count). Meta-device forwards first (they cost
+  milliseconds); a size that runs there is confirmed by a real forward where affordable, because
+  meta tensors do not check index bounds. `fixed` iff no size other than the example runs.
+- `perturbation_probe`: local or global? On an input wider than the receptive field, perturb a
+  strip at the left end and a strip at the right end, and see whether any element of the pre-head
+  map changes under both (the far end of the map changes when the near end is perturbed). A
+  bounded receptive field keeps the two sets apart; global mixing (attention, scans, FFT) and
+  global context (SE gates, GroupNorm statistics) join them. The pre-head map is found by size:
+  the last tensor a torch call returns whose shape varies with the input size (two meta runs);
+  for a dense-prediction net that is the output itself. float64, eval mode, random weights, with
+  zero-initialised parameters (timm's zero-init residual branches) given random values so that no
+  branch is invisible.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+Size = tuple[int, ...]  # spatial sizes only: (H, W), or (L,), (D, H, W)
+
+# Multiples the candidate sizes are rounded to: patch sizes (7, 8, 14, 16, ...), total strides
+# (32, 64, ...) and window x stride products (7*8, 7*16, 7*32, ...).
+MULTIPLES = (1, 7, 8, 12, 14, 16, 24, 28, 32, 48, 56, 64, 96, 112, 128, 192, 224, 256)
+# Per-axis scale factors (H, W) of the candidates: smaller and larger, aspect changes, and the
+# two that keep the pixel count (a token MLP over H*W/p^2 positions runs there).
+FACTORS = ((1.25, 0.875), (0.75, 1.125), (0.5, 2.0), (2.0, 0.5), (1.5, 1.25), (0.5, 0.75),
+           (1.125, 1.5), (0.625, 0.5), (2.0, 2.5))
+# Odd offsets from the example: they run when no divisibility constraint holds.
+NEARBY = ((1, 3), (-3, 5), (2, -1), (0, 1), (5, 0))
+
+
+def _short(exc: BaseException, n: int = 160) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:n]
+
+
+def _fmt(size: Size) -> str:
+    return "x".join(map(str, size))
+
+
+def candidate_sizes(example: Size, limit: int = 64) -> list[Size]:
+    """Sizes to try besides `example`: never a size of 1, never two equal spatial sizes (H != W,
+    so that a model that only works on squares, or confuses H and W, is seen), at most `limit`,
+    the nearby odd sizes first, then by distance from the example's pixel count."""
+    nd = len(example)
+    out: list[Size] = []
+
+    def add(size: Iterable[int]) -> None:
+        s = tuple(int(v) for v in size)
+        if any(v <= 1 for v in s) or s == tuple(example):
+            return
+        if nd >= 2 and len(set(s)) < nd:
+            return
+        if s not in out:
+            out.append(s)
+
+    for off in NEARBY:
+        add(e + off[i % 2] for i, e in enumerate(example))
+    grid = []
+    for fac in FACTORS:
+        for m in MULTIPLES[1:]:
+            s = []
+            for i, e in enumerate(example):
+                f = fac[i % 2]
+                s.append(max(m, m * round(f * e / m)))
+            if nd >= 2 and len(set(s)) < nd:  # equal sizes: move the last axis by one multiple
+                s[-1] += m
+            grid.append(tuple(s))
+    # one axis at a time, by one multiple of the example's own divisors
+    for m in (8, 16, 32, 56, 64, 112, 224):
+        for i in range(nd):
+            s = list(example)
+            s[i] = max(m, m * round(example[i] / m) + m)
+            grid.append(tuple(s))
+    pixels = math.prod(example)
+    grid.sort(key=lambda s: (abs(math.log(math.prod(s) / pixels)), s))
+    for s in grid:
+        add(s)
+    return out[:limit]
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """The model on the meta device (weights dropped, structure kept): forwards cost milliseconds."""
+    return copy.deepcopy(model).to("meta").eval()
+
+
+def _forward(model: nn.Module, shape: Size, device: str, dtype=torch.float32, seed: int = 0) -> Any:
+    if device == "meta":
+        x = torch.empty(shape, device="meta", dtype=dtype)
+    else:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    with torch.no_grad():
+        return model(x)
+
+
+# ----------------------------------------------------------------------------- (a) size search
+@dataclass
+class SizeSearch:
+    """What ran where. `runs` holds the sizes besides the example that ran (confirmed by a real
+    forward where one was allowed); `meta_runs` every size a meta forward accepted; `refuted`
+    sizes a meta forward accepted and a real forward did not (index bounds)."""
+
+    example: Size
+    tried: list[Size] = field(default_factory=list)
+    runs: list[Size] = field(default_factory=list)
+    meta_runs: list[Size] = field(default_factory=list)
+    refuted: dict[Size, str] = field(default_factory=dict)
+    fails: dict[Size, str] = field(default_factory=dict)
+    confirmed_real: bool = False  # "runs" was confirmed by real forwards
+    meta_usable: bool = True  # the meta forward ran at the example size
+    example_error: str | None = None  # the example itself failed (nothing can be judged)
+    stopped_early: bool = False  # the meta sweep ran out of its time budget
+    seconds: float = 0.0
+
+    @property
+    def fixed(self) -> bool | None:
+        if self.example_error:
+            return None
+        return not self.runs
+
+    @property
+    def divisors(self) -> Size:
+        """Per spatial axis, the gcd of the example and every size that ran: an upper bound of
+        the divisibility the model needs (1 when the nearby odd sizes ran)."""
+        sizes = [self.example, *self.runs]
+        return tuple(math.gcd(*(s[i] for s in sizes)) for i in range(len(self.example)))
+
+    @property
+    def count_stride(self) -> int | None:
+        """The smallest stride s at which every size that ran has the example's number of
+        positions (prod(size // s)) on another grid: a fixed count of positions, e.g. a token MLP
+        over 196 patches of 16 px accepts 112x448 for 224x224. None when there is no such s."""
+        for s in (1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 64):
+            count = math.prod(e // s for e in self.example)
+            grids = {tuple(v // s for v in size) for size in self.runs}
+            if (count and all(math.prod(g) == count for g in grids)
+                    and any(g != tuple(e // s for e in self.example) for g in grids)):
+                return s
+        return None
+
+    @property
+    def same_count_only(self) -> bool:
+        return self.count_stride is not None
+
+    def summary(self, n: int = 6) -> str:
+        if self.example_error:
+            return f"example {_fmt(self.example)} fails: {self.example_error}"
+        how = "real" if self.confirmed_real else "meta"
+        runs = ", ".join(map(_fmt, self.runs[:n])) + (" ..." if len(self.runs) > n else "")
+        return (f"{len(self.runs)}/{len(self.tried)} other sizes run ({how}): {runs or 'none'}; "
+                f"divisors {_fmt(self.divisors)}" + (f"; {len(self.refuted)} refuted by a real forward"
+                                                    if self.refuted else ""))
+
+
+def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module | None = None,
+                real: bool = True, real_confirm: int = 3, candidates: list[Size] | None = None,
+                time_budget: float = 20.0) -> SizeSearch:
+    """Search sizes on which the eager `model` runs. `example_shape` is the full input shape
+    (B, C, *spatial). Meta forwards on `meta_model` (a meta copy of `model` when None) sort the
+    candidates; with `real`, up to `real_confirm` of those that ran there (smallest first) get a
+    real forward, and the first that passes decides `not fixed` (the rest are kept as meta runs).
+    When the meta forward fails at the example size (an op without a meta kernel, `.item()`),
+    every candidate gets a real forward instead (at most 16, smallest first). Meta forwards are
+    not always milliseconds (bicubic resampling decomposes into hundreds of ops): the meta sweep
+    stops after `time_budget` seconds, keeping the candidates' priority order."""
+    t0 = time.perf_counter()
+    lead, example = tuple(example_shape[:2]), tuple(example_shape[2:])
+    cands = candidates if candidates is not None else candidate_sizes(example)
+    res = SizeSearch(example=example, tried=list(cands))
+    meta = meta_model if meta_model is not None else meta_copy(model)
+
+    def runs(size: Size, device: str) -> str | None:
+        try:
+            _forward(meta if device == "meta" else model, lead + size, device)
+            return None
+        except Exception as exc:  # noqa: BLE001
+            return _short(exc)
+
+    err = runs(example, "meta")
+    if err is not None:
+        res.meta_usable = False
+        if not real:
+            res.example_error = f"meta forward failed and no real forward allowed: {err}"
+            res.seconds = time.perf_counter() - t0
+            return res
+    if real:
+        err = runs(example, "cpu")
+        if err is not None:
+            res.example_error = err
+            res.seconds = time.perf_counter() - t0
+            return res
+    if res.meta_usable:
+        for s in cands:
+            if time.perf_counter() - t0 > time_budget:
+                res.tried = res.tried[:len(res.meta_runs) + len(res.fails)]
+                res.stopped_early = True
+                break
+            e = runs(s, "meta")
+            if e is None:
+                res.meta_runs.append(s)
+            else:
+                res.fails[s] = e
+        if not real:
+            res.runs = list(res.meta_runs)
+            res.seconds = time.perf_counter() - t0
+            return res
+        # confirm the cheapest meta runs with real forwards, until one passes
+        res.confirmed_real = True
+        by_cost = sorted(res.meta_runs, key=math.prod)
+        for s in by_cost[:real_confirm]:
+            e = runs(s, "cpu")
+            if e is None:
+                res.runs.append(s)
+                break
+            res.refuted[s] = e
+        if res.runs:  # the rest count as runs too (divisors, probe sizes), minus those refuted
+            res.runs += [s for s in res.meta_runs if s not in res.runs and s not in res.refuted]
+    else:
+        res.confirmed_real = True
+        for s in sorted(cands, key=math.prod)[:16]:
+            e = runs(s, "cpu")
+            if e is None:
+                res.runs.append(s)
+            else:
+                res.fails[s] = e
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ----------------------------------------------------------------------------- call recording
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+def _func_name(func: Callable) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return f"{getattr(func, '__module__', None) or ''}.{name}"
+
+
+class _CallRecorder(TorchFunctionMode):
+    """Every outermost torch call of a forward (functions, Tensor methods, inside every module),
+    keyed by `name#occurrence`, with the module path it ran in. Records shapes, or captures one
+    key's tensor (`want`)."""
+
+    def __init__(self, model: nn.Module, want: str | None = None) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.order: list[str] = []
+        self.shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.where: dict[str, str] = {}
+        self.want = want
+        self.captured: torch.Tensor | None = None
+        self._stack: list[str] = []
+        self._handles = []
+        for name, mod in model.named_modules():
+            self._handles.append(mod.register_forward_pre_hook(self._enter(name)))
+            self._handles.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(mod, args) -> None:
+            self._stack.append(name)
+        return hook
+
+    def _leave(self, mod, args, output) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ts = _tensors(out)
+        if ts:
+            name = _func_name(func)
+            n = self.counts.get(name, 0)
+            self.counts[name] = n + 1
+            key = f"{name}#{n}"
+            self.order.append(key)
+            self.shapes[key] = [tuple(t.shape) for t in ts]
+            self.where[key] = self._stack[-1] if self._stack else ""
+            if key == self.want:
+                self.captured = torch.cat([t.detach().reshape(-1).clone() for t in ts])
+        return out
+
+
+def record_calls(model: nn.Module, shape: Size, device: str = "meta", want: str | None = None,
+                 dtype=torch.float32, x: torch.Tensor | None = None) -> _CallRecorder:
+    if x is None:
+        x = torch.empty(shape, device="meta", dtype=dtype) if device == "meta" else torch.randn(shape, dtype=dtype)
+    rec = _CallRecorder(model, want)
+    try:
+        with torch.no_grad(), rec:
+            model(x)
+    finally:
+        rec.remove()
+    return rec
+
+
+def pre_head_key(meta: nn.Module, shape_a: Size, shape_b: Size) -> tuple[str | None, _CallRecorder]:
+    """The key of the last torch call whose output shape differs between two input sizes: the
+    pre-head map (a classifier's last spatial tensor; a dense net's output)."""
+    ra = record_calls(meta, shape_a)
+    rb = record_calls(meta, shape_b)
+    key = None
+    for k in ra.order:
+        if k in rb.shapes and rb.shapes[k] != ra.shapes[k]:
+            key = k
+    return key, ra
+
+
+def receptive_field_estimate(model: nn.Module, shape: Size) -> int:
+    """An independent estimate of the receptive field along the last axis, in input pixels:
+    1 + sum over conv/pool module calls of (kernel - 1) * dilation * (input size / the call's
+    input size). Summing over every call (not the longest path) overestimates on branching nets,
+    which only asks for a wider probe; kernels outside modules and window attention are not
+    counted."""
+    total = 1.0
+    width = shape[-1]
+    handles = []
+
+    def hook(mod, args):
+        nonlocal total
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or x.dim() < 3 or x.shape[-1] <= 0:
+            return
+        k = mod.kernel_size
+        k = k[-1] if isinstance(k, (tuple, list)) else k
+        d = getattr(mod, "dilation", 1)
+        d = d[-1] if isinstance(d, (tuple, list)) else (d or 1)
+        total += (int(k) - 1) * int(d) * width / x.shape[-1]
+
+    for mod in model.modules():
+        if hasattr(mod, "kernel_size") and "Adaptive" not in type(mod).__name__:
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        _forward(model, shape, "meta")
+    finally:
+        for h in handles:
+            h.remove()
+    return int(math.ceil(total))
+
+
+# ----------------------------------------------------------------------------- (b) perturbation probe
+@dataclass
+class PerturbationProbe:
+    """`verdict`: "global" (the far end of the pre-head map changes when the near end of the
+    input is perturbed), "local" (it does not), or "inconclusive" (`reason` says why)."""
+
+    verdict: str
+    reason: str
+    map_key: str | None = None  # the torch call that produced the pre-head map
+    map_module: str | None = None  # the module it ran in ("" = the model's own forward)
+    probe_size: Size | None = None
+    rf_estimate: int | None = None  # px along the probed axis
+    map_numel: int = 0
+    left_changed: int = 0
+    right_changed: int = 0
+    both_changed: int = 0
+    resizes_input: bool = False  # nothing computed from the input varies with its size
+    seconds: float = 0.0
+
+    @property
+    def far_end_changes(self) -> bool | None:
+        return None if self.verdict == "inconclusive" else self.verdict == "global"
+
+
+def randomise_zero_parameters(model: nn.Module, seed: int = 1) -> None:
+    """timm zero-initialises some residual-branch norms, gates and heads: a branch multiplied by
+    zero would hide its mixing from the probe. Such parameters get small random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+
+
+def _flops(meta: nn.Module, shape: Size) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as fc:
+            _forward(meta, shape, "meta")
+        return float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _round_up(x: float, m: int) -> int:
+    return max(m, m * int(math.ceil(x / m)))
+
+
+def probe_sizes(search: SizeSearch, max_factor: int = 32) -> list[Size]:
+    """Wide inputs to try, widest first: the last axis 32, 16, ..., 2 times the example's (rounded
+    up to the divisor the search found), the first axis as small as the search allows; then the
+    sizes that ran, widest aspect first."""
+    ex = search.example
+    div = search.divisors
+    small = min([s[0] for s in (ex, *search.runs)] + [_round_up(32, div[0])])
+    heights = sorted({small, _round_up(small, div[0]), _round_up(2 * small, div[0]), ex[0]})
+    heights = [h for h in heights if h > 1]
+    out: list[Size] = []
+    f = max_factor
+    while f >= 2:
+        w = _round_up(f * ex[-1], div[-1])
+        for h in heights[:3]:
+            s = (h, *ex[1:-1], w)
+            if s not in out and (len(s) < 2 or len(set(s)) == len(s)):
+                out.append(s)
+        f //= 2
+    for s in sorted([ex, *search.runs], key=lambda s: -s[-1] / s[0]):
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch, *,
+                       meta_model: nn.Module | None = None, flop_budget: float = 6e9,
+                       strip: int = 8, seed: int = 0) -> PerturbationProbe:
+    """Perturb a `strip`-pixel band at the left end and one at the right end of the widest
+    affordable input (the last axis; meta FLOP count <= `flop_budget`), and compare the element
+    sets of the pre-head map each changes (float64, eval). Disjoint sets: local. Overlapping sets
+    at a width beyond twice the receptive field estimate: global. Otherwise inconclusive."""
+    t0 = time.perf_counter()
+    lead, ex = tuple(example_shape[:2]), tuple(example_shape[2:])
+    meta = meta_model if meta_model is not None else meta_copy(model)
+    out = PerturbationProbe("inconclusive", "")
+
+    def done(verdict: str, reason: str) -> PerturbationProbe:
+        out.verdict, out.reason = verdict, reason
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    if search.example_error:
+        return done("inconclusive", "the example size does not run")
+    if not search.runs:
+        return done("inconclusive", "runs at the example size only: the pre-head map cannot be found by size")
+    # the size that differs most from the example on every axis (nearby sizes may floor to the
+    # example's grid and leave every inner tensor the same size)
+    other = max(search.runs, key=lambda s: min(abs(math.log(a / b)) for a, b in zip(s, ex)))
+    try:
+        key, rec = pre_head_key(meta, lead + ex, lead + other)
+    except Exception as exc:  # noqa: BLE001
+        return done("inconclusive", f"meta forward failed while finding the pre-head map: {_short(exc, 100)}")
+    if key is None:
+        out.resizes_input = True
+        return done("inconclusive", "no call's output varies with the input size (the input is resized "
+                                    "to a constant size first)")
+    out.map_key, out.map_module = key, rec.where.get(key, "")
+
+    # the widest affordable size that runs on meta and has the key
+    chosen = None
+    for s in probe_sizes(search):
+        if s[-1] < 2 * strip + 2:
+            continue
+        fl = _flops(meta, lead + s)
+        if fl is None or fl > flop_budget:
+            continue
+        try:
+            r = record_calls(meta, lead + s)
+        except Exception:  # noqa: BLE001
+            continue
+        if key in r.shapes:
+            chosen = s
+            break
+    if chosen is None:
+        return done("inconclusive", f"no size wide enough within {flop_budget / 1e9:g} GFLOP runs")
+    out.probe_size = chosen
+    out.rf_estimate = receptive_field_estimate(meta, lead + chosen)
+
+    real = copy.deepcopy(model).double().eval()
+    randomise_zero_parameters(real)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(lead + chosen, generator=gen, dtype=torch.float64)
+    xl, xr = x.clone(), x.clone()
+    xl[..., :strip] += 3.0 * torch.randn(xl[..., :strip].shape, generator=gen, dtype=torch.float64)
+    xr[..., -strip:] += 3.0 * torch.randn(xr[..., -strip:].shape, generator=gen, dtype=torch.float64)
+    maps = []
+    try:
+        for inp in (x, xl, xr):
+            r = record_calls(real, lead + chosen, device="cpu", want=key, x=inp)
+            if r.captured is None:
+                return done("inconclusive", f"the real forward at {_fmt(chosen)} has no call {key}")
+            maps.append(r.captured)
+    except Exception as exc:  # noqa: BLE001
+        return done("inconclusive", f"real forward at {_fmt(chosen)} failed: {_short(exc, 100)}")
+    base, left, right = maps
+    if left.shape != base.shape or right.shape != base.shape:
+        return done("inconclusive", "the pre-head map's size depends on the input values")
+    tol = 1e-12 * (1.0 + float(base.abs().max()))
+    dl = (left - base).abs() > tol
+    dr = (right - base).abs() > tol
+    out.map_numel = base.numel()
+    out.left_changed, out.right_changed = int(dl.sum()), int(dr.sum())
+    out.both_changed = int((dl & dr).sum())
+    where = f"{key} in `{out.map_module or 'forward'}`"
+    if not out.left_changed or not out.right_changed:
+        return done("inconclusive", f"a perturbed end does not reach the pre-head map ({where})")
+    if out.both_changed == 0:
+        return done("local", f"at {_fmt(chosen)} the ends of the pre-head map ({where}) change apart: "
+                             f"{out.left_changed} and {out.right_changed} of {out.map_numel} elements")
+    needed = 2 * out.rf_estimate + 2 * strip
+    if chosen[-1] < needed:
+        return done("inconclusive", f"the ends overlap at {_fmt(chosen)}, narrower than twice the "
+                                    f"receptive field estimate ({out.rf_estimate} px)")
+    return done("global", f"at {_fmt(chosen)} (receptive field estimate {out.rf_estimate} px) perturbing "
+                          f"either end changes {out.both_changed} of the same {out.map_numel} elements "
+                          f"of the pre-head map ({where})")
