@@ -167,7 +167,7 @@ class SizeSearch:
 
 def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module | None = None,
                 real: bool = True, real_confirm: int = 3, candidates: list[Size] | None = None,
-                time_budget: float = 20.0) -> SizeSearch:
+                time_budget: float = 20.0, enough_runs: int = 12) -> SizeSearch:
     """Search sizes on which the eager `model` runs. `example_shape` is the full input shape
     (B, C, *spatial). Meta forwards on `meta_model` (a meta copy of `model` when None) sort the
     candidates; with `real`, up to `real_confirm` of those that ran there (smallest first) get a
@@ -175,7 +175,8 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
     When the meta forward fails at the example size (an op without a meta kernel, `.item()`),
     every candidate gets a real forward instead (at most 16, smallest first). Meta forwards are
     not always milliseconds (bicubic resampling decomposes into hundreds of ops): the meta sweep
-    stops after `time_budget` seconds, keeping the candidates' priority order."""
+    stops after `time_budget` seconds, or once `enough_runs` sizes ran, keeping the candidates'
+    priority order (a model that fails everywhere fails fast and gets every candidate)."""
     t0 = time.perf_counter()
     lead, example = tuple(example_shape[:2]), tuple(example_shape[2:])
     cands = candidates if candidates is not None else candidate_sizes(example)
@@ -207,6 +208,9 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             if time.perf_counter() - t0 > time_budget:
                 res.tried = res.tried[:len(res.meta_runs) + len(res.fails)]
                 res.stopped_early = True
+                break
+            if len(res.meta_runs) >= enough_runs:  # enough to judge, derive divisors and probe
+                res.tried = res.tried[:len(res.meta_runs) + len(res.fails)]
                 break
             e = runs(s, "meta")
             if e is None:
@@ -292,13 +296,14 @@ class _CallRecorder(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         ts = _tensors(out)
         if ts:
-            name = _func_name(func)
+            where = self._stack[-1] if self._stack else ""
+            name = f"{_func_name(func)}@{where}"  # a branch shifts the counts of one module only
             n = self.counts.get(name, 0)
             self.counts[name] = n + 1
             key = f"{name}#{n}"
             self.order.append(key)
             self.shapes[key] = [tuple(t.shape) for t in ts]
-            self.where[key] = self._stack[-1] if self._stack else ""
+            self.where[key] = where
             if key == self.want:
                 self.captured = torch.cat([t.detach().reshape(-1).clone() for t in ts])
         return out
@@ -322,11 +327,15 @@ def pre_head_key(meta: nn.Module, shape_a: Size, shape_b: Size) -> tuple[str | N
     pre-head map (a classifier's last spatial tensor; a dense net's output)."""
     ra = record_calls(meta, shape_a)
     rb = record_calls(meta, shape_b)
+    return _last_varying(ra, rb), ra
+
+
+def _last_varying(ra: _CallRecorder, rb: _CallRecorder) -> str | None:
     key = None
     for k in ra.order:
         if k in rb.shapes and rb.shapes[k] != ra.shapes[k]:
             key = k
-    return key, ra
+    return key
 
 
 def receptive_field_estimate(model: nn.Module, shape: Size) -> int:
@@ -466,10 +475,12 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
         out.resizes_input = True
         return done("inconclusive", "no call's output varies with the input size (the input is resized "
                                     "to a constant size first)")
-    out.map_key, out.map_module = key, rec.where.get(key, "")
 
-    # the widest affordable size that runs on meta and has the key
+    # the widest affordable size that runs on meta; the pre-head map is then found again between
+    # it and a narrower input of the same height, so that both runs take the same branches (a
+    # model may skip work at its default size, e.g. timm's position-embedding resampling)
     chosen = None
+    div = search.divisors
     for s in probe_sizes(search):
         if s[-1] < 2 * strip + 2:
             continue
@@ -480,11 +491,27 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
             r = record_calls(meta, lead + s)
         except Exception:  # noqa: BLE001
             continue
+        narrower = (*s[:-1], _round_up(0.75 * s[-1], div[-1]))
+        r2 = None
+        if narrower != s:
+            try:
+                r2 = record_calls(meta, lead + narrower)
+            except Exception:  # noqa: BLE001
+                r2 = None
+        if r2 is not None:
+            k2 = _last_varying(r, r2)
+            if k2 is None:
+                out.resizes_input = True
+                return done("inconclusive", f"no call's output differs between {_fmt(s)} and "
+                                            f"{_fmt(narrower)} (the input is resized to a constant size first)")
+            key, rec, chosen = k2, r, s
+            break
         if key in r.shapes:
-            chosen = s
+            rec, chosen = r, s
             break
     if chosen is None:
         return done("inconclusive", f"no size wide enough within {flop_budget / 1e9:g} GFLOP runs")
+    out.map_key, out.map_module = key, rec.where.get(key, "")
     out.probe_size = chosen
     out.rf_estimate = receptive_field_estimate(meta, lead + chosen)
 
