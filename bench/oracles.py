@@ -419,24 +419,29 @@ def _round_up(x: float, m: int) -> int:
     return max(m, m * int(math.ceil(x / m)))
 
 
-def probe_sizes(search: SizeSearch, max_factor: int = 32) -> list[Size]:
-    """Wide inputs to try, widest first: the last axis 32, 16, ..., 2 times the example's (rounded
-    up to the divisor the search found), the first axis as small as the search allows; then the
+def probe_sizes(search: SizeSearch, needed: int) -> list[Size]:
+    """Wide inputs to try, in order: the last axis from max(2 * `needed`, 4x the example's) down
+    to `needed` by halves (rounded up to the divisor the search found), the first axis as small
+    as the search allows; then narrower ones (disjoint ends there still prove locality); then the
     sizes that ran, widest aspect first."""
     ex = search.example
     div = search.divisors
     small = min([s[0] for s in (ex, *search.runs)] + [_round_up(32, div[0])])
     heights = sorted({small, _round_up(small, div[0]), _round_up(2 * small, div[0]), ex[0]})
-    heights = [h for h in heights if h > 1]
+    heights = [h for h in heights if h > 1][:3]
+    widths = []
+    w = max(2 * needed, 4 * ex[-1])
+    while w >= needed or len(widths) < 3:
+        widths.append(_round_up(w, div[-1]))
+        if w < ex[-1]:
+            break
+        w //= 2
     out: list[Size] = []
-    f = max_factor
-    while f >= 2:
-        w = _round_up(f * ex[-1], div[-1])
-        for h in heights[:3]:
+    for w in widths:
+        for h in heights:
             s = (h, *ex[1:-1], w)
             if s not in out and (len(s) < 2 or len(set(s)) == len(s)):
                 out.append(s)
-        f //= 2
     for s in sorted([ex, *search.runs], key=lambda s: -s[-1] / s[0]):
         if s not in out:
             out.append(s)
@@ -476,14 +481,29 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
         return done("inconclusive", "no call's output varies with the input size (the input is resized "
                                     "to a constant size first)")
 
+    # the receptive field estimate decides how wide the probe must be
+    div = search.divisors
+    rf = None
+    ref = None
+    for cand in ((max(8, _round_up(32, div[0])), *ex[1:-1], _round_up(2 * ex[-1], div[-1])), ex):
+        try:
+            rf = receptive_field_estimate(meta, lead + cand)
+            ref = cand
+            break
+        except Exception:  # noqa: BLE001
+            continue
+    needed = 2 * (rf or 1) + 2 * strip + 16  # wider than this, a bounded field keeps the ends apart
+    ref_flops = _flops(meta, lead + ref) if ref is not None else None
+
     # the widest affordable size that runs on meta; the pre-head map is then found again between
     # it and a narrower input of the same height, so that both runs take the same branches (a
     # model may skip work at its default size, e.g. timm's position-embedding resampling)
     chosen = None
-    div = search.divisors
-    for s in probe_sizes(search):
+    for s in probe_sizes(search, needed):
         if s[-1] < 2 * strip + 2:
             continue
+        if ref_flops and ref_flops * math.prod(s) / math.prod(ref) > flop_budget:
+            continue  # linear estimate: over budget already
         fl = _flops(meta, lead + s)
         if fl is None or fl > flop_budget:
             continue
@@ -513,7 +533,7 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
         return done("inconclusive", f"no size wide enough within {flop_budget / 1e9:g} GFLOP runs")
     out.map_key, out.map_module = key, rec.where.get(key, "")
     out.probe_size = chosen
-    out.rf_estimate = receptive_field_estimate(meta, lead + chosen)
+    out.rf_estimate = rf
 
     real = copy.deepcopy(model).double().eval()
     randomise_zero_parameters(real)
@@ -546,8 +566,7 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
     if out.both_changed == 0:
         return done("local", f"at {_fmt(chosen)} the ends of the pre-head map ({where}) change apart: "
                              f"{out.left_changed} and {out.right_changed} of {out.map_numel} elements")
-    needed = 2 * out.rf_estimate + 2 * strip
-    if chosen[-1] < needed:
+    if rf is None or chosen[-1] < needed:
         return done("inconclusive", f"the ends overlap at {_fmt(chosen)}, narrower than twice the "
                                     f"receptive field estimate ({out.rf_estimate} px)")
     return done("global", f"at {_fmt(chosen)} (receptive field estimate {out.rf_estimate} px) perturbing "
