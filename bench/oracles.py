@@ -51,7 +51,7 @@ def _fmt(size: Size) -> str:
     return "x".join(map(str, size))
 
 
-def candidate_sizes(example: Size, limit: int = 64) -> list[Size]:
+def candidate_sizes(example: Size, limit: int = 96) -> list[Size]:
     """Sizes to try besides `example`: never a size of 1, never two equal spatial sizes (H != W,
     so that a model that only works on squares, or confuses H and W, is seen), at most `limit`,
     the nearby odd sizes first, then by distance from the example's pixel count."""
@@ -69,26 +69,27 @@ def candidate_sizes(example: Size, limit: int = 64) -> list[Size]:
 
     for off in NEARBY:
         add(e + off[i % 2] for i, e in enumerate(example))
-    grid = []
-    for fac in FACTORS:
-        for m in MULTIPLES[1:]:
-            s = []
-            for i, e in enumerate(example):
-                f = fac[i % 2]
-                s.append(max(m, m * round(f * e / m)))
+    pixels = math.prod(example)
+    per_multiple: list[list[Size]] = []
+    for m in MULTIPLES[1:]:
+        grid = []
+        for fac in FACTORS:
+            s = [max(m, m * round(fac[i % 2] * e / m)) for i, e in enumerate(example)]
             if nd >= 2 and len(set(s)) < nd:  # equal sizes: move the last axis by one multiple
                 s[-1] += m
             grid.append(tuple(s))
-    # one axis at a time, by one multiple of the example's own divisors
-    for m in (8, 16, 32, 56, 64, 112, 224):
-        for i in range(nd):
+        for i in range(nd):  # one axis at a time, by one multiple
             s = list(example)
             s[i] = max(m, m * round(example[i] / m) + m)
             grid.append(tuple(s))
-    pixels = math.prod(example)
-    grid.sort(key=lambda s: (abs(math.log(math.prod(s) / pixels)), s))
-    for s in grid:
-        add(s)
+        grid.sort(key=lambda s: (abs(math.log(math.prod(s) / pixels)), s))
+        per_multiple.append(grid)
+    # round robin over the multiples, so that a strong constraint (H % 224 == 0) is met early
+    # even when the sweep stops before the end of the list
+    for rank in range(max(map(len, per_multiple))):
+        for grid in per_multiple:
+            if rank < len(grid):
+                add(grid[rank])
     return out[:limit]
 
 
@@ -144,11 +145,12 @@ class SizeSearch:
         positions (prod(size // s)) on another grid: a fixed count of positions, e.g. a token MLP
         over 196 patches of 16 px accepts 112x448 for 224x224. None when there is no such s."""
         for s in (1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 64):
-            count = math.prod(e // s for e in self.example)
-            grids = {tuple(v // s for v in size) for size in self.runs}
-            if (count and all(math.prod(g) == count for g in grids)
-                    and any(g != tuple(e // s for e in self.example) for g in grids)):
-                return s
+            for div in (lambda v: v // s, lambda v: -(-v // s)):  # floor and ceil (padded stems)
+                count = math.prod(div(e) for e in self.example)
+                grids = {tuple(div(v) for v in size) for size in self.runs}
+                if (count and all(math.prod(g) == count for g in grids)
+                        and any(g != tuple(div(e) for e in self.example) for g in grids)):
+                    return s
         return None
 
     @property
@@ -469,6 +471,9 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
         return done("inconclusive", "the example size does not run")
     if not search.runs:
         return done("inconclusive", "runs at the example size only: the pre-head map cannot be found by size")
+    if search.count_stride is not None:
+        return done("inconclusive", f"runs only with the example's count of {search.count_stride}-px positions: "
+                                    "the tensors after the positions are counted keep one shape")
     # the size that differs most from the example on every axis (nearby sizes may floor to the
     # example's grid and leave every inner tensor the same size)
     other = max(search.runs, key=lambda s: min(abs(math.log(a / b)) for a, b in zip(s, ex)))
