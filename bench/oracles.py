@@ -149,7 +149,7 @@ class SizeSearch:
                 count = math.prod(div(e) for e in self.example)
                 grids = {tuple(div(v) for v in size) for size in self.runs}
                 if (count and all(math.prod(g) == count for g in grids)
-                        and any(g != tuple(div(e) for e in self.example) for g in grids)):
+                        and sum(g != tuple(div(e) for e in self.example) for g in grids) >= 2):
                     return s
         return None
 
@@ -429,8 +429,8 @@ def probe_sizes(search: SizeSearch, needed: int) -> list[Size]:
     ex = search.example
     div = search.divisors
     small = min([s[0] for s in (ex, *search.runs)] + [_round_up(32, div[0])])
-    heights = sorted({small, _round_up(small, div[0]), _round_up(2 * small, div[0]), ex[0]})
-    heights = [h for h in heights if h > 1][:3]
+    heights = sorted({_round_up(8, div[0]), _round_up(16, div[0]), small, _round_up(2 * small, div[0]), ex[0]})
+    heights = [h for h in heights if h > 1][:4]
     widths = []
     w = max(2 * needed, 4 * ex[-1])
     while w >= needed or len(widths) < 3:
@@ -471,9 +471,6 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
         return done("inconclusive", "the example size does not run")
     if not search.runs:
         return done("inconclusive", "runs at the example size only: the pre-head map cannot be found by size")
-    if search.count_stride is not None:
-        return done("inconclusive", f"runs only with the example's count of {search.count_stride}-px positions: "
-                                    "the tensors after the positions are counted keep one shape")
     # the size that differs most from the example on every axis (nearby sizes may floor to the
     # example's grid and leave every inner tensor the same size)
     other = max(search.runs, key=lambda s: min(abs(math.log(a / b)) for a, b in zip(s, ex)))
@@ -516,26 +513,26 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
             r = record_calls(meta, lead + s)
         except Exception:  # noqa: BLE001
             continue
+        # a model that only runs at its count of positions has no such pair: its tensors after
+        # the count is fixed keep one shape, and the last one that varies (the stem) would say
+        # nothing about the mixing after it
         narrower = (*s[:-1], _round_up(0.75 * s[-1], div[-1]))
-        r2 = None
-        if narrower != s:
-            try:
-                r2 = record_calls(meta, lead + narrower)
-            except Exception:  # noqa: BLE001
-                r2 = None
-        if r2 is not None:
-            k2 = _last_varying(r, r2)
-            if k2 is None:
-                out.resizes_input = True
-                return done("inconclusive", f"no call's output differs between {_fmt(s)} and "
-                                            f"{_fmt(narrower)} (the input is resized to a constant size first)")
-            key, rec, chosen = k2, r, s
-            break
-        if key in r.shapes:
-            rec, chosen = r, s
-            break
+        if narrower == s:
+            continue
+        try:
+            r2 = record_calls(meta, lead + narrower)
+        except Exception:  # noqa: BLE001
+            continue
+        k2 = _last_varying(r, r2)
+        if k2 is None:
+            out.resizes_input = True
+            return done("inconclusive", f"no call's output differs between {_fmt(s)} and "
+                                        f"{_fmt(narrower)} (the input is resized to a constant size first)")
+        key, rec, chosen = k2, r, s
+        break
     if chosen is None:
-        return done("inconclusive", f"no size wide enough within {flop_budget / 1e9:g} GFLOP runs")
+        return done("inconclusive", f"no two widths of one height run within {flop_budget / 1e9:g} GFLOP "
+                                    f"and {needed} px")
     out.map_key, out.map_module = key, rec.where.get(key, "")
     out.probe_size = chosen
     out.rf_estimate = rf
