@@ -94,7 +94,7 @@ def candidate_sizes(example: Size, limit: int = 96) -> list[Size]:
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
-    """The model on the meta device (weights dropped, structure kept): forwards cost milliseconds."""
+    """The model on the meta device (weights dropped, structure kept): forwards compute nothing."""
     return copy.deepcopy(model).to("meta").eval()
 
 
@@ -343,32 +343,45 @@ def _last_varying(ra: _CallRecorder, rb: _CallRecorder) -> str | None:
 def receptive_field_estimate(model: nn.Module, shape: Size) -> int:
     """An independent estimate of the receptive field along the last axis, in input pixels:
     1 + sum over conv/pool module calls of (kernel - 1) * dilation * (input size / the call's
-    input size). Summing over every call (not the longest path) overestimates on branching nets,
-    which only asks for a wider probe; kernels outside modules and window attention are not
-    counted."""
+    input size), counting only calls whose input width follows the input's (a conv over a fixed
+    7x7 attention map, or a Conv1d over channels, is not a spatial kernel). Summing over every
+    call (not the longest path) overestimates on branching nets, which only asks for a wider
+    probe; kernels outside modules and window attention are not counted."""
+    def calls(size: Size) -> dict[tuple[str, int], tuple[int, int, int]]:
+        seen: dict[tuple[str, int], tuple[int, int, int]] = {}
+        counts: dict[str, int] = {}
+        handles = []
+
+        def make(name: str):
+            def hook(mod, args) -> None:
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if x is None or x.dim() != len(size) or x.shape[-1] <= 0:
+                    return
+                k = mod.kernel_size
+                k = k[-1] if isinstance(k, (tuple, list)) else k
+                d = getattr(mod, "dilation", 1)
+                d = d[-1] if isinstance(d, (tuple, list)) else (d or 1)
+                n = counts.get(name, 0)
+                counts[name] = n + 1
+                seen[(name, n)] = (int(k), int(d), int(x.shape[-1]))
+            return hook
+
+        for name, mod in model.named_modules():
+            if hasattr(mod, "kernel_size") and "Adaptive" not in type(mod).__name__:
+                handles.append(mod.register_forward_pre_hook(make(name)))
+        try:
+            _forward(model, size, "meta")
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    wide = calls(shape)
+    other = calls((*shape[:-1], 2 * shape[-1]))
     total = 1.0
-    width = shape[-1]
-    handles = []
-
-    def hook(mod, args):
-        nonlocal total
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is None or x.dim() < 3 or x.shape[-1] <= 0:
-            return
-        k = mod.kernel_size
-        k = k[-1] if isinstance(k, (tuple, list)) else k
-        d = getattr(mod, "dilation", 1)
-        d = d[-1] if isinstance(d, (tuple, list)) else (d or 1)
-        total += (int(k) - 1) * int(d) * width / x.shape[-1]
-
-    for mod in model.modules():
-        if hasattr(mod, "kernel_size") and "Adaptive" not in type(mod).__name__:
-            handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        _forward(model, shape, "meta")
-    finally:
-        for h in handles:
-            h.remove()
+    for key, (k, d, w_in) in wide.items():
+        if key in other and other[key][2] != w_in:
+            total += (k - 1) * d * shape[-1] / w_in
     return int(math.ceil(total))
 
 
@@ -397,13 +410,20 @@ class PerturbationProbe:
 
 
 def randomise_zero_parameters(model: nn.Module, seed: int = 1) -> None:
-    """timm zero-initialises some residual-branch norms, gates and heads: a branch multiplied by
-    zero would hide its mixing from the probe. Such parameters get small random values."""
+    """timm zero-initialises some residual-branch norms, gates and heads, and starts layer scales
+    at 1e-5 or 1e-6: a branch multiplied by zero would hide its mixing from the probe, and one
+    multiplied by 1e-6 leaves changes at the far end near float64 round-off (edgenext's XCA:
+    5e-16). Parameters that are all zero get small random values; constant-filled ones below
+    1e-2 (layer scales) get random values of order 0.1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_floating_point() and p.numel() and not p.any():
+            if not p.is_floating_point() or not p.numel():
+                continue
+            if not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+            elif p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()) and float(p.abs().max()) < 1e-2:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
 
 
 def _flops(meta: nn.Module, shape: Size) -> float | None:
