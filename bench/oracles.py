@@ -128,7 +128,9 @@ class SizeSearch:
 
     @property
     def fixed(self) -> bool | None:
-        if self.example_error:
+        """True iff no other size runs; None when undecided (the example fails, or the sweep
+        ran out of time before any size ran)."""
+        if self.example_error or (self.stopped_early and not self.runs):
             return None
         return not self.runs
 
@@ -205,9 +207,10 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             res.example_error = err
             res.seconds = time.perf_counter() - t0
             return res
+    t_sweep = time.perf_counter()  # the budget is the sweep's: a large example may take seconds
     if res.meta_usable:
         for s in cands:
-            if time.perf_counter() - t0 > time_budget:
+            if time.perf_counter() - t_sweep > time_budget:
                 res.tried = res.tried[:len(res.meta_runs) + len(res.fails)]
                 res.stopped_early = True
                 break

@@ -280,8 +280,10 @@ def _run_oracles(row: dict, name: str, shape: tuple, real, mixfx_fixed: bool, mi
         if search.fixed is not None:
             row["oracle_fixed"] = search.fixed
             row["fixed_agrees"] = search.fixed == mixfx_fixed
-        else:
+        elif search.example_error:
             row["oracle_fixed"] = "example fails"
+        else:
+            row["oracle_fixed"] = f"undecided (sweep stopped after {len(search.tried)} sizes)"
         if real is None:
             row["probe"] = "skipped (no real forward)"
             return

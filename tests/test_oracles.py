@@ -193,3 +193,10 @@ def test_meta_runs_are_confirmed_by_real_forwards():
     assert search.meta_runs  # wider inputs pass on the meta device ...
     assert search.refuted  # ... and fail for real (index out of bounds)
     assert search.fixed is True
+
+
+def test_a_sweep_out_of_time_decides_nothing():
+    """No size tried is not 'no other size runs': the verdict stays open."""
+    search = size_search(CNN().eval(), (1, 3, 32, 32), time_budget=0.0)
+    assert search.stopped_early and not search.runs
+    assert search.fixed is None
