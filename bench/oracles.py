@@ -156,6 +156,17 @@ class SizeSearch:
         return None
 
     @property
+    def grid_stride(self) -> int | None:
+        """The largest stride s at which every size that ran falls on the example's own grid
+        (size // s or ceil(size / s) equal to the example's): the model runs at other sizes only
+        where the remainder pixels change and the grid does not. None when there is no such s."""
+        for s in (64, 56, 32, 28, 16, 14, 8, 7, 4, 2):
+            for div in (lambda v: v // s, lambda v: -(-v // s)):
+                if self.runs and all(tuple(map(div, r)) == tuple(map(div, self.example)) for r in self.runs):
+                    return s
+        return None
+
+    @property
     def same_count_only(self) -> bool:
         return self.count_stride is not None
 
@@ -231,6 +242,8 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
         by_cost = sorted(res.meta_runs, key=math.prod)
         for s in by_cost[:real_confirm]:
             e = runs(s, "cpu")
+            if e is None and all(a >= b for a, b in zip(s, example)):
+                e = _extra_pixels_ignored(model, lead, example, s)
             if e is None:
                 res.runs.append(s)
                 break
@@ -247,6 +260,25 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
                 res.fails[s] = e
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _extra_pixels_ignored(model: nn.Module, lead: Size, example: Size, size: Size) -> str | None:
+    """A size at least the example's on every axis "runs" trivially when the model never reads
+    the extra pixels (a stride-16 patchify floors 225x227 to the 224x224 grid): then it did not
+    process another size. Changing only those pixels must change the output; None when it does,
+    the reason when it does not."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(lead + size, generator=gen)
+    y = x.clone()
+    inside = tuple(slice(0, e) for e in example)
+    noise = torch.randn(y.shape, generator=gen) * 3.0
+    noise[(..., *inside)] = 0.0
+    y += noise
+    with torch.no_grad():
+        a, b = _tensors(model(x)), _tensors(model(y))
+    if all(torch.equal(u, v) for u, v in zip(a, b)):
+        return "runs, but never reads the pixels beyond the example's size (same as the example)"
+    return None
 
 
 # ----------------------------------------------------------------------------- call recording

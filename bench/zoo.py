@@ -63,7 +63,7 @@ FIELDS = [
     "linear_max_abs_err", "linear_s", "linear_mb", "linear_error",
     "global_mixing", "global_context",
     "oracle_fixed", "oracle_confirmed", "oracle_tried", "oracle_runs", "oracle_fails", "oracle_refuted",
-    "oracle_divisors", "oracle_count_stride", "fixed_agrees", "oracle_s",
+    "oracle_divisors", "oracle_count_stride", "oracle_grid_stride", "fixed_agrees", "oracle_s",
     "probe", "probe_size", "probe_rf", "probe_map", "probe_changed", "probe_resizes", "probe_reason",
     "mixfx_global", "locality_agrees", "probe_s", "oracle_error",
     "peak_rss_mb", "total_s",
@@ -277,6 +277,7 @@ def _run_oracles(row: dict, name: str, shape: tuple, real, mixfx_fixed: bool, mi
         row["oracle_refuted"] = _sizes(search.refuted)
         row["oracle_divisors"] = "x".join(map(str, search.divisors))
         row["oracle_count_stride"] = search.count_stride or ""
+        row["oracle_grid_stride"] = search.grid_stride or ""
         if search.fixed is not None:
             row["oracle_fixed"] = search.fixed
             row["fixed_agrees"] = search.fixed == mixfx_fixed
@@ -416,6 +417,9 @@ def fixed_cause(r: dict) -> str:
     if r.get("oracle_count_stride"):
         parts.append(f"every size that runs keeps the example's number of {r['oracle_count_stride']}-px positions "
                      "(a fixed count of positions, not a fixed size)")
+    if r.get("oracle_grid_stride"):
+        parts.append(f"every size that runs falls on the example's grid at stride {r['oracle_grid_stride']} "
+                     "(only the remainder pixels differ)")
     if r.get("probe_resizes") == "True":
         parts.append("the input is resized to a constant size first")
     if r.get("symbolic_stopped"):

@@ -200,3 +200,25 @@ def test_a_sweep_out_of_time_decides_nothing():
     search = size_search(CNN().eval(), (1, 3, 32, 32), time_budget=0.0)
     assert search.stopped_early and not search.runs
     assert search.fixed is None
+
+
+class Patchify(nn.Module):
+    """A stride-8 patchify then a Linear over the 16 patches: a 33x35 input floors to the same
+    4x4 grid, and its extra pixels are never read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 8, 8)
+        self.tok = nn.Linear(16, 16)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2)
+        return self.tok(t).mean(1)
+
+
+def test_extra_pixels_that_are_never_read_are_not_another_size():
+    search = size_search(Patchify().eval(), (1, 3, 32, 32),
+                         candidates=[(33, 35), (34, 38), (36, 33)])  # all on the 4x4 grid
+    assert search.meta_runs == [(33, 35), (34, 38), (36, 33)]
+    assert all("never reads" in why for why in search.refuted.values())
+    assert search.fixed is True
