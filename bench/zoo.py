@@ -452,8 +452,9 @@ def _oracle_section(ok: list[dict]) -> list[str]:
              "the example's pixel count in other shapes); meta forwards, the cheapest runs confirmed by real "
              "forwards (`fixed` iff no other size runs). Perturbation probe: float64 real forwards on the widest "
              "affordable input; perturb an 8-px strip at each end; the far end changes iff some element of the "
-             "pre-head map (the last tensor whose shape varies with the input) changes under both; conclusive "
-             "when the input is wider than twice an independent receptive-field estimate (conv/pool kernels).", "",
+             "pre-head map (the last tensor whose shape varies with the input) changes under both; disjoint ends "
+             "mean local at any width, overlapping ends mean global from four times an independent receptive-field "
+             "estimate (conv/pool kernels whose input follows the input's width) on.", "",
              "| metric | value |", "|---|---|",
              f"| fixed vs not: mixfx agrees with the size search | {_pct(sum(r['fixed_agrees'] == 'True' for r in judged), len(judged))} |",
              f"| ... where the search's runs were confirmed by real forwards | {_pct(sum(r['fixed_agrees'] == 'True' for r in real), len(real))} |",
