@@ -157,13 +157,16 @@ class SizeSearch:
 
     @property
     def grid_stride(self) -> int | None:
-        """The largest stride s at which every size that ran falls on the example's own grid
-        (size // s or ceil(size / s) equal to the example's): the model runs at other sizes only
-        where the remainder pixels change and the grid does not. None when there is no such s."""
-        for s in (64, 56, 32, 28, 16, 14, 8, 7, 4, 2):
-            for div in (lambda v: v // s, lambda v: -(-v // s)):
-                if self.runs and all(tuple(map(div, r)) == tuple(map(div, self.example)) for r in self.runs):
-                    return s
+        """The smallest stride s at which every size that ran falls on the example's own grid
+        (per axis, size // s or ceil(size / s) equal to the example's): the model runs at other
+        sizes only where the remainder pixels change and the grid does not. None when no common
+        stride (2 to 64) does."""
+        def same(v: int, e: int, s: int) -> bool:
+            return v // s == e // s or -(-v // s) == -(-e // s)
+
+        for s in (2, 4, 7, 8, 14, 16, 28, 32, 56, 64):
+            if self.runs and all(same(v, e, s) for r in self.runs for v, e in zip(r, self.example)):
+                return s
         return None
 
     @property

@@ -271,7 +271,9 @@ def _run_oracles(row: dict, name: str, shape: tuple, real, mixfx_fixed: bool, mi
                                  real=real is not None, time_budget=opts.get("oracle_time", 10.0))
         row["oracle_tried"] = len(search.tried)
         row["oracle_confirmed"] = "real" if search.confirmed_real else "meta only"
-        row["oracle_runs"] = _sizes(search.runs)
+        # the first size that ran for real decides; the others ran on the meta device
+        confirmed = search.runs[:1] if search.confirmed_real else []
+        row["oracle_runs"] = ((f"real {_sizes(confirmed)}; meta " if confirmed else "") + _sizes(search.runs[len(confirmed):]))
         row["oracle_fails"] = " | ".join(f"{'x'.join(map(str, s))}: {e[:70]}"
                                          for s, e in list(search.fails.items())[:2])[:200]
         row["oracle_refuted"] = _sizes(search.refuted)
@@ -413,10 +415,10 @@ def fixed_cause(r: dict) -> str:
     if r.get("oracle_fixed") == "True":
         return (f"no other size runs ({r.get('oracle_tried')} tried, {r.get('oracle_confirmed')}), e.g. "
                 f"{r.get('oracle_fails')}; mixfx says {r['classification']}")
-    parts = [f"runs at {r.get('oracle_runs')} ({r.get('oracle_confirmed')})"]
+    parts = [f"runs at {r.get('oracle_runs')}"]
     if r.get("oracle_count_stride"):
-        parts.append(f"every size that runs keeps the example's number of {r['oracle_count_stride']}-px positions "
-                     "(a fixed count of positions, not a fixed size)")
+        parts.append("every size that runs keeps the example's number of positions within rounding (a fixed "
+                     "count of positions, not a fixed size)")
     if r.get("oracle_grid_stride"):
         parts.append(f"every size that runs falls on the example's grid at stride {r['oracle_grid_stride']} "
                      "(only the remainder pixels differ)")
@@ -447,7 +449,7 @@ def _oracle_section(ok: list[dict]) -> list[str]:
     incon = [r for r in ok if r.get("probe") == "inconclusive"]
     errs = [r for r in ok if r.get("oracle_error")]
     lines = ["", "## Independent oracles (bench/oracles.py)", "",
-             "Written apart from the analyser (torch and the eager model only). Size search: ~64 candidate "
+             "Written apart from the analyser (torch and the eager model only). Size search: ~96 candidate "
              "sizes (H != W, never 1, multiples of 7 to 256 and nearby odd sizes, smaller and larger, including "
              "the example's pixel count in other shapes); meta forwards, the cheapest runs confirmed by real "
              "forwards (`fixed` iff no other size runs). Perturbation probe: float64 real forwards on the widest "
@@ -466,7 +468,7 @@ def _oracle_section(ok: list[dict]) -> list[str]:
              f"| oracle errors | {len(errs)} |"]
     reasons: dict[str, int] = {}
     for r in incon:
-        why = re.sub(r"\(.*", "", re.sub(r"[0-9]+x[0-9]+", "NxM", r.get("probe_reason") or ""))[:70].strip()
+        why = re.sub(r"\(.*", "", re.sub(r"[0-9]+", "N", r.get("probe_reason") or ""))[:80].strip()
         reasons[why] = reasons.get(why, 0) + 1
     if reasons:
         lines += ["", "Probe inconclusive: " + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + "."]
