@@ -17,6 +17,13 @@ timeout (a crash or hang only loses that row):
    --rewrite-limit parameters. The ground truth's forwards run on the verification's seeded
    inputs and are shared with both verifications (`reference_outputs`), so the rewrite times
    leave out the original's forwards at those sizes;
+4. the independent oracles of bench/oracles.py (written apart from the analyser: torch and the
+   eager model only): a size search over ~64 candidate sizes (meta forwards, the cheapest runs
+   confirmed by real forwards) says fixed or not; a perturbation probe (float64, real forwards, the
+   widest input within --probe-flops) says whether perturbing one end of the input changes the far
+   end of the pre-head map (global) or not (local). Both are compared with mixfx's verdicts:
+   `fixed` vs not, and `global_mixing`/`global_context` non-empty vs the far end changing. Models
+   over --forward-limit get the size search on meta forwards only and no probe;
 recording time and the growth of peak RSS of each step. Rows are appended to bench/results/zoo.csv
 as they finish (re-running skips the names already there: resumable); bench/results/zoo_summary.md
 is rebuilt at the end (per family and overall).
@@ -54,6 +61,11 @@ FIELDS = [
     "conv_max_abs_err", "conv_s", "conv_mb", "conv_error",
     "linear_status", "linear_changes", "linear_skipped", "linear_conv1x1_before", "linear_conv1x1_after",
     "linear_max_abs_err", "linear_s", "linear_mb", "linear_error",
+    "global_mixing", "global_context",
+    "oracle_fixed", "oracle_confirmed", "oracle_tried", "oracle_runs", "oracle_fails", "oracle_refuted",
+    "oracle_divisors", "oracle_count_stride", "oracle_grid_stride", "fixed_agrees", "oracle_s",
+    "probe", "probe_size", "probe_rf", "probe_map", "probe_changed", "probe_resizes", "probe_reason",
+    "mixfx_global", "locality_agrees", "probe_s", "oracle_error",
     "peak_rss_mb", "total_s",
 ]
 
@@ -136,6 +148,13 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
         row["internal_disagreements"] = " | ".join(map(str, rep.disagreements))[:400]
         row["trace_s"] = round(rep.timings.get("trace_s", 0.0), 4)
         row["symbolic_s"] = round(rep.timings.get("symbolic_s", 0.0), 4)
+        row["global_mixing"] = "; ".join(f"{g.module or g.node}|{g.op}" for g in rep.global_mixing)[:400]
+        # issue 13's `global_context` (SE gates, norm statistics over H, W): absent or empty
+        # before the analyser fills it
+        context = list(getattr(rep, "global_context", None) or [])
+        row["global_context"] = "; ".join(f"{g.module or g.node}|{g.op}" for g in context)[:400]
+        mixfx_global = bool(rep.global_mixing) or bool(context)
+        row["mixfx_global"] = mixfx_global
         row["symbolic_stopped"] = next(((("budget" if "budget" in n else "failure") + ": " + n.split(":")[0][29:])[:140]
                                         for n in rep.notes if n.startswith("Symbolic propagation stopped")), "")
         del model
@@ -184,6 +203,12 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
                 expect_fixed = rep.classification == "fixed"
                 row["agrees"] = (verdict != "runs_all") if expect_fixed else (verdict == "runs_all")
 
+        # ---- the independent oracles (bench/oracles.py: nothing from mixfx)
+        if opts.get("oracles", True):
+            stage = "oracles"
+            _run_oracles(row, name, shape, real if row.get("concrete") == "ran" else None,
+                         rep.classification == "fixed", mixfx_global, opts)
+
         # ---- rewrites
         for target, key, counted in (("conv", "conv", "linear"), ("linear", "linear", "conv1x1")):
             stage = f"rewrite_{target}"
@@ -226,6 +251,65 @@ def run_one(name: str, family: str, candidates: list[str], opts: dict) -> dict:
     return row
 
 
+def _sizes(sizes, n: int = 6) -> str:
+    return ", ".join("x".join(map(str, s)) for s in list(sizes)[:n]) + (" ..." if len(sizes) > n else "")
+
+
+def _run_oracles(row: dict, name: str, shape: tuple, real, mixfx_fixed: bool, mixfx_global: bool,
+                 opts: dict) -> None:
+    """Size search and perturbation probe on a fresh build of the model (meta copy for the search,
+    the real model for confirmations and the probe), compared with mixfx's verdicts. An oracle
+    that crashes costs its own columns only."""
+    import torch
+
+    from oracles import perturbation_probe, size_search
+
+    try:
+        with timed(row, "oracle"):
+            meta = build_timm(name, meta=True)
+            search = size_search(real if real is not None else meta, shape, meta_model=meta,
+                                 real=real is not None, time_budget=opts.get("oracle_time", 10.0))
+        row["oracle_tried"] = len(search.tried)
+        row["oracle_confirmed"] = "real" if search.confirmed_real else "meta only"
+        # the first size that ran for real decides; the others ran on the meta device
+        confirmed = search.runs[:1] if search.confirmed_real else []
+        row["oracle_runs"] = ((f"real {_sizes(confirmed)}; meta " if confirmed else "") + _sizes(search.runs[len(confirmed):]))
+        row["oracle_fails"] = " | ".join(f"{'x'.join(map(str, s))}: {e[:70]}"
+                                         for s, e in list(search.fails.items())[:2])[:200]
+        row["oracle_refuted"] = _sizes(search.refuted)
+        row["oracle_divisors"] = "x".join(map(str, search.divisors))
+        row["oracle_count_stride"] = search.count_stride or ""
+        row["oracle_grid_stride"] = search.grid_stride or ""
+        if search.fixed is not None:
+            row["oracle_fixed"] = search.fixed
+            row["fixed_agrees"] = search.fixed == mixfx_fixed
+        elif search.example_error:
+            row["oracle_fixed"] = "example fails"
+        else:
+            row["oracle_fixed"] = f"undecided (sweep stopped after {len(search.tried)} sizes)"
+        if real is None:
+            row["probe"] = "skipped (no real forward)"
+            return
+        torch.manual_seed(0)
+        with timed(row, "probe"):
+            probe = perturbation_probe(real, shape, search, meta_model=meta,
+                                       flop_budget=opts.get("probe_flops", 4e9))
+        row["probe"] = probe.verdict
+        row["probe_size"] = "x".join(map(str, probe.probe_size)) if probe.probe_size else ""
+        row["probe_rf"] = probe.rf_estimate or ""
+        row["probe_map"] = f"{probe.map_module or 'forward'}: {(probe.map_key or '').split('@')[0]}" if probe.map_key else ""
+        row["probe_changed"] = (f"{probe.left_changed}/{probe.right_changed}/{probe.both_changed} of {probe.map_numel}"
+                                if probe.map_numel else "")
+        row["probe_resizes"] = probe.resizes_input
+        row["probe_reason"] = probe.reason[:300]
+        if probe.far_end_changes is not None:
+            row["locality_agrees"] = probe.far_end_changes == mixfx_global
+    except Exception as exc:  # noqa: BLE001
+        row["oracle_error"] = _short(exc)
+        if opts.get("debug"):
+            traceback.print_exc()
+
+
 def _child(conn, name, family, candidates, opts):
     try:
         row = run_one(name, family, candidates, opts)
@@ -241,6 +325,13 @@ def _read_csv(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _header(path: Path) -> list[str] | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="") as f:
+        return next(csv.reader(f), None)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -313,6 +404,94 @@ def _f(x):
 
 def _pct(a: int, b: int) -> str:
     return f"{100.0 * a / b:.1f}% ({a}/{b})" if b else "n/a"
+
+
+def _cell(text, n: int = 220) -> str:
+    return str(text or "").replace("|", "/").replace("\n", " ")[:n]
+
+
+def fixed_cause(r: dict) -> str:
+    """Why mixfx's fixed/not verdict and the size search's disagree, from what the row recorded."""
+    if r.get("oracle_fixed") == "True":
+        return (f"no other size runs ({r.get('oracle_tried')} tried, {r.get('oracle_confirmed')}), e.g. "
+                f"{r.get('oracle_fails')}; mixfx says {r['classification']}")
+    parts = [f"runs at {r.get('oracle_runs')}"]
+    if r.get("oracle_count_stride"):
+        parts.append("every size that runs keeps the example's number of positions within rounding (a fixed "
+                     "count of positions, not a fixed size)")
+    if r.get("oracle_grid_stride"):
+        parts.append(f"every size that runs falls on the example's grid at stride {r['oracle_grid_stride']} "
+                     "(only the remainder pixels differ)")
+    if r.get("probe_resizes") == "True":
+        parts.append("the input is resized to a constant size first")
+    if r.get("symbolic_stopped"):
+        parts.append(f"mixfx's symbolic run stopped ({r['symbolic_stopped'][:60]})")
+    parts.append(f"mixfx's rigid nodes: {(r.get('rigid') or 'none')[:120]}")
+    return "; ".join(parts)
+
+
+def locality_cause(r: dict) -> str:
+    mixfx = "; ".join(x for x in (r.get("global_mixing"), r.get("global_context")) if x)
+    if r.get("probe") == "local":
+        return f"mixfx reports {mixfx[:120]}; probe: {r.get('probe_reason')}"
+    rigid = f" (rigid nodes: {r['rigid'][:100]})" if r.get("rigid") else ""
+    return f"probe: {r.get('probe_reason')}; mixfx reports no global mixing or context{rigid}"
+
+
+def _oracle_section(ok: list[dict]) -> list[str]:
+    """Agreement of mixfx's verdicts with the two independent oracles, each disagreement with its
+    cause."""
+    judged = [r for r in ok if r.get("fixed_agrees") in ("True", "False")]
+    if not judged and not any(r.get("probe") for r in ok):
+        return []
+    real = [r for r in judged if r.get("oracle_confirmed") == "real"]
+    probed = [r for r in ok if r.get("locality_agrees") in ("True", "False")]
+    incon = [r for r in ok if r.get("probe") == "inconclusive"]
+    errs = [r for r in ok if r.get("oracle_error")]
+    lines = ["", "## Independent oracles (bench/oracles.py)", "",
+             "Written apart from the analyser (torch and the eager model only). Size search: ~96 candidate "
+             "sizes (H != W, never 1, multiples of 7 to 256 and nearby odd sizes, smaller and larger, including "
+             "the example's pixel count in other shapes); meta forwards, the cheapest runs confirmed by real "
+             "forwards (`fixed` iff no other size runs). Perturbation probe: float64 real forwards on the widest "
+             "affordable input; perturb an 8-px strip at each end; the far end changes iff some element of the "
+             "pre-head map (the last tensor whose shape varies with the input) changes under both; disjoint ends "
+             "mean local at any width, overlapping ends mean global from four times an independent receptive-field "
+             "estimate (conv/pool kernels whose input follows the input's width) on.", "",
+             "| metric | value |", "|---|---|",
+             f"| fixed vs not: mixfx agrees with the size search | {_pct(sum(r['fixed_agrees'] == 'True' for r in judged), len(judged))} |",
+             f"| ... where the search's runs were confirmed by real forwards | {_pct(sum(r['fixed_agrees'] == 'True' for r in real), len(real))} |",
+             f"| local vs global: mixfx (global_mixing or global_context non-empty) agrees with the probe | "
+             f"{_pct(sum(r['locality_agrees'] == 'True' for r in probed), len(probed))} |",
+             f"| probe conclusive: global / local / inconclusive / skipped (too large) | "
+             f"{sum(r.get('probe') == 'global' for r in ok)} / {sum(r.get('probe') == 'local' for r in ok)} / "
+             f"{len(incon)} / {sum(str(r.get('probe', '')).startswith('skipped') for r in ok)} |",
+             f"| oracle errors | {len(errs)} |"]
+    reasons: dict[str, int] = {}
+    for r in incon:
+        why = re.sub(r"\(.*", "", re.sub(r"[0-9]+", "N", r.get("probe_reason") or ""))[:80].strip()
+        reasons[why] = reasons.get(why, 0) + 1
+    if reasons:
+        lines += ["", "Probe inconclusive: " + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + "."]
+    lines += ["", "### Disagreements: fixed vs not", ""]
+    dis = [r for r in judged if r["fixed_agrees"] == "False"]
+    if dis:
+        lines += ["| model | mixfx | size search | cause |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['classification']} | {'fixed' if r['oracle_fixed'] == 'True' else 'not fixed'} | "
+                  f"{_cell(fixed_cause(r), 400)} |" for r in dis]
+    else:
+        lines.append("None.")
+    lines += ["", "### Disagreements: local vs global", ""]
+    dis = [r for r in probed if r["locality_agrees"] == "False"]
+    if dis:
+        lines += ["| model | mixfx | probe | cause |", "|---|---|---|---|"]
+        lines += [f"| {r['name']} | {'global' if r.get('mixfx_global') == 'True' else 'local'} | {r['probe']} at "
+                  f"{r.get('probe_size')} | {_cell(locality_cause(r), 400)} |" for r in dis]
+    else:
+        lines.append("None.")
+    if errs:
+        lines += ["", "### Oracle errors", "", "| model | error |", "|---|---|"]
+        lines += [f"| {r['name']} | {_cell(r['oracle_error'])} |" for r in errs]
+    return lines
 
 
 def summarise(rows: list[dict], wall_s: float | None, mode: str, csv_name: str = "zoo.csv") -> str:
@@ -398,6 +577,7 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str, csv_name: str =
                   f"{(r.get('concrete_runs') or '')[:220].replace('|', '/')} |" for r in dis]
     else:
         lines.append("None.")
+    lines += _oracle_section(ok)
     lines += ["", "## Rewrite problems", ""]
     probs = [r for r in ok for k in ("conv", "linear") if r.get(f"{k}_status") in ("MISMATCH", "verify_failed", "error")]
     seen = set()
@@ -413,8 +593,8 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str, csv_name: str =
         lines.append("None.")
 
     lines += ["", "## Per family", "",
-              "| family | model | params (M) | tracer | verdict | rigid (first) | head | agrees | --to conv | --to linear | analysis s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| family | model | params (M) | tracer | verdict | rigid (first) | head | agrees | size search | probe | --to conv | --to linear | analysis s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["family"], r["name"])):
         rigid_first = (r.get("rigid") or "").split(";")[0].replace("|", " ")
         def rw(k):
@@ -424,8 +604,24 @@ def summarise(rows: list[dict], wall_s: float | None, mode: str, csv_name: str =
             return s.replace("skipped ", "skip ")[:24]
         lines.append(f"| {r['family']} | {r['name']} | {r.get('params_m', '')} | {r.get('tracer', '')} | "
                      f"{r.get('classification') or r['status']} | {rigid_first[:60]} | {(r.get('head') or '').replace('|', ' ')[:40]} | "
-                     f"{r.get('agrees', '')} | {rw('conv')} | {rw('linear')} | {r.get('analysis_s', '')} |")
+                     f"{r.get('agrees', '')} | {_search_cell(r)} | {_probe_cell(r)} | {rw('conv')} | {rw('linear')} | "
+                     f"{r.get('analysis_s', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def _search_cell(r: dict) -> str:
+    f = r.get("oracle_fixed")
+    if f not in ("True", "False"):
+        return f or ""
+    mark = "" if r.get("fixed_agrees") == "True" else " **x**"
+    return ("fixed" if f == "True" else "not fixed") + mark
+
+
+def _probe_cell(r: dict) -> str:
+    p = r.get("probe") or ""
+    if p in ("global", "local"):
+        return p + ("" if r.get("locality_agrees") == "True" else " **x**")
+    return p.replace("skipped ", "skip ")[:24]
 
 
 def _warm_up() -> None:
@@ -437,6 +633,8 @@ def _warm_up() -> None:
     from torch import nn
 
     import mixfx
+    import oracles  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: F401
 
     with torch.device("meta"):
         models = [nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -471,6 +669,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="start a new CSV instead of resuming")
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="only the first N tasks (smoke test)")
+    ap.add_argument("--no-oracles", action="store_true", help="skip the size search and the perturbation probe")
+    ap.add_argument("--oracle-time", type=float, default=10.0, help="seconds for the size search's meta sweep")
+    ap.add_argument("--probe-flops", type=float, default=4e9,
+                    help="FLOPs of one probe forward (the widest input within it is probed)")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
     out = args.out or CSV_PATH
@@ -484,6 +686,11 @@ def main(argv=None) -> int:
         return 0
     if args.fresh and out.exists():
         out.unlink()
+    head = _header(out)
+    if head is not None and head != FIELDS:
+        print(f"{out} was written by an older zoo.py (other columns): resuming would misalign its rows. "
+              f"Run with --fresh, or move it away.", file=sys.stderr)
+        return 2
     fams = families()
     if args.models:
         fam_of = {n: f for f, ns in fams.items() for n in ns}
@@ -499,7 +706,8 @@ def main(argv=None) -> int:
         todo = todo[: args.limit]
     print(f"{len(tasks)} tasks, {len(tasks) - len(todo)} already in {out}, {len(todo)} to run with --jobs {args.jobs}")
     _warm_up()
-    opts = {"forward_limit": args.forward_limit, "rewrite_limit": args.rewrite_limit, "debug": args.debug}
+    opts = {"forward_limit": args.forward_limit, "rewrite_limit": args.rewrite_limit, "debug": args.debug,
+            "oracles": not args.no_oracles, "oracle_time": args.oracle_time, "probe_flops": args.probe_flops}
     t0 = time.perf_counter()
     run_all(todo, args.jobs, args.timeout, opts, out)
     wall = time.perf_counter() - t0
