@@ -128,11 +128,14 @@ class SizeSearch:
 
     @property
     def fixed(self) -> bool | None:
-        """True iff no other size runs; None when undecided (the example fails, or the sweep
-        ran out of time before any size ran)."""
+        """True iff no size runs on which the model's tensors could differ from the example's:
+        no other size runs, or every one that does keeps the example's count of positions (a
+        token MLP over 196 patches runs at 112x448 for 224x224) or falls on its grid (only the
+        remainder pixels a patchify drops differ). None when undecided (the example fails, or
+        the sweep ran out of time before any size ran)."""
         if self.example_error or (self.stopped_early and not self.runs):
             return None
-        return not self.runs
+        return not self.runs or self.same_count_only or self.grid_stride is not None
 
     @property
     def divisors(self) -> Size:

@@ -153,10 +153,10 @@ def test_se_cnn_is_global_by_its_context():
 
 def test_token_mixer_runs_only_at_its_token_count():
     """A Linear over 16 flattened patches accepts every size with 16 patches (16x64 for 32x32):
-    not fixed by the size search, and the search says the runs keep the pixel count."""
+    fixed by the size search (no tensor varies), which says the runs keep the count of positions."""
     search, probe = _oracles(TokenMixer())
-    assert search.fixed is False
-    assert search.same_count_only
+    assert search.runs and search.same_count_only
+    assert search.fixed is True  # it runs elsewhere only at the example's count of positions
     assert (16, 64) in search.runs
     # no two widths of one height run: the last tensor that varies (the stem) would not see the
     # token MLP's mixing, so the probe does not judge
