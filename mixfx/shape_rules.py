@@ -121,8 +121,10 @@ class ShapeRules:
     """The rules. With `lazy=True` (the interpreter) outputs are `ShapeOnly`; otherwise (rules
     inside an eager forward, where any code may consume the output) real tensors."""
 
-    def __init__(self, lazy: bool = False) -> None:
+    def __init__(self, lazy: bool = False, share_outputs: bool = True) -> None:
         self.lazy = lazy
+        # equal-shaped outputs share one empty tensor, unless a caller tells tensors apart by identity
+        self.share_outputs = share_outputs
         self._empty: dict[Any, Any] = {}
 
     def empty(self, like: Any, sizes: tuple, dtype: torch.dtype | None = None, strides: tuple | None = None) -> Any:
@@ -133,6 +135,8 @@ class ShapeRules:
             like = like.materialise()
         key = (tuple(_expr(s) for s in sizes), None if strides is None else tuple(_expr(s) for s in strides),
                dtype, like.device)
+        if not self.share_outputs:
+            self._empty.pop(key, None)
         if key not in self._empty:
             self._empty[key] = (like.new_empty(sizes, dtype=dtype) if strides is None
                                 else like.new_empty_strided(sizes, strides, dtype=dtype))

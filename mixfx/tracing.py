@@ -37,6 +37,9 @@ class TraceResult:
     attempts: list[str] = field(default_factory=list)  # why earlier tracers were not used
     # the graph's clean meta run at the example input, from the eager check: the analysis reuses it
     example_run: Any = None
+    # export only: the guards torch.export added while tracing, as (condition over the input dims
+    # "s2", "s3" ... renamed to dim indices, source location): branches on sizes and specialisations
+    export_guards: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -160,13 +163,78 @@ def _module_class_defined_at(model: nn.Module, filename: str, lineno: int) -> st
     return best
 
 
-def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
-    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd)."""
+class _GuardLog:
+    """Collects the guards torch's ShapeEnv logs while torch.export traces (`eval <expr> [guard
+    added] (<file:line> in <fn>)`), with the symbols renamed `d2`, `d3` ... after the input dim
+    they stand for. Read from the log record's arguments, not its text; only for explanations:
+    where a branch on a size or a specialisation happened."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.symbols: dict[str, int] = {}
+        self.guards: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    outer.read(record)
+                except Exception:  # noqa: BLE001 - an explanation, never a failure
+                    pass
+
+        self.handler = Handler(level=logging.INFO)
+        self.logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+
+    def read(self, record: Any) -> None:
+        msg, args = str(record.msg), record.args or ()
+        if msg.startswith("create_symbol") and len(args) >= 3:
+            m = re.search(r"size\(\)\[(\d+)\]", str(args[2]))
+            if m:
+                self.symbols[str(args[0])] = int(m.group(1))
+        elif "[guard added]" in msg and len(args) >= 3:
+            expr = str(args[1])
+            for sym, dim in self.symbols.items():
+                expr = re.sub(rf"\b{sym}\b", f"d{dim}", expr)
+            if re.search(r"\bs\d+\b", expr):
+                return  # a symbol that is not an input dim (a data-dependent size)
+            self.guards.append((expr, str(args[2]).strip().strip("()")))
+
+    def __enter__(self) -> "_GuardLog":
+        import logging
+
+        self.level = self.logger.level
+        # torch's own handlers on this logger keep printing only what they printed before
+        self.others = [(h, h.level) for h in self.logger.handlers]
+        for h, _ in self.others:
+            h.setLevel(max(h.level, self.logger.getEffectiveLevel()))
+        self.logger.addHandler(self.handler)
+        if not self.logger.isEnabledFor(logging.INFO):
+            self.logger.setLevel(logging.INFO)
+        self.propagate = self.logger.propagate
+        self.logger.propagate = False  # collected here, not printed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        for h, level in self.others:
+            h.setLevel(level)
+        self.logger.propagate = self.propagate
+
+
+def export_trace(model: nn.Module, example_input: torch.Tensor,
+                 guards: list[tuple[str, str]] | None = None) -> torch.fx.GraphModule:
+    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd).
+    `guards`, if given, receives the guards export added (see `_GuardLog`)."""
     from torch.export import Dim
 
     dims = {d: Dim.AUTO for d in range(2, example_input.dim())}
     try:
-        program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+        with _GuardLog() as log:
+            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+        if guards is not None:
+            guards.extend(log.guards)
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TraceError(
@@ -254,14 +322,15 @@ def trace(
                          "Try --leaf for the module involved.")
     if example_input.is_meta and not any(p.is_meta for p in model.parameters()):
         example_input = torch.zeros(example_input.shape, dtype=example_input.dtype)  # export runs the model
+    guards: list[tuple[str, str]] = []
     try:
-        gm = export_trace(model, example_input)
+        gm = export_trace(model, example_input, guards)
     except TraceError as exc:
         if fx_error is not None:
             raise TraceError(fx_error.message + f" The torch.export fallback failed too ({exc.message.rstrip('.')}).",
                              fx_error.hint) from exc
         raise
-    return TraceResult(gm, "export", attempts)
+    return TraceResult(gm, "export", attempts, export_guards=guards)
 
 
 def _optional_arguments(model: nn.Module) -> dict[str, None]:

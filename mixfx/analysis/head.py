@@ -1,0 +1,85 @@
+"""Which nodes depend on the input size, and where the spatial part of the network ends (the head:
+where positions stop being treated as positions)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from mixfx.analysis.nodes import _concrete_depends, _depends, _tensors
+from mixfx.shapes import ConcreteRun
+
+
+class HeadStage:
+    """Mixed into the analyser: reads `self.nodes`, `self.sym`, `self.symbols`."""
+
+    # -- spatial dependence, head, global mixing ---------------------------------------------------
+    def _spatial_nodes(self, base: ConcreteRun, others: list[ConcreteRun]) -> dict[str, set[str]]:
+        """Per node, the input dims its output depends on. Where every concrete run reached the
+        node, the concrete shapes decide (a dim equal at all sizes is constant, however the
+        symbolic expression looks); the symbolic expression then names the dims."""
+        out: dict[str, set[str]] = {}
+        self.constant_nodes: set[str] = set()
+        self.unknown_nodes: set[str] = set()  # neither the symbolic nor every concrete run got here
+        for n in self.nodes:
+            symbolic = _depends(self.sym.values[n.name], self.symbols) if n.name in self.sym.values else None
+            reached = bool(others) and all(n.name in r.shapes for r in others) and n.name in base.shapes
+            if symbolic is None and not reached and n.op not in ("get_attr", "output"):
+                self.unknown_nodes.add(n.name)
+            if reached:
+                varies = any(_concrete_depends(base.shapes.get(n.name), r.shapes[n.name]) for r in others)
+                if not varies:
+                    out[n.name] = set()
+                    self.constant_nodes.add(n.name)
+                else:
+                    out[n.name] = symbolic or set(self.dim_names)
+            else:
+                out[n.name] = symbolic if symbolic is not None else set()
+        return out
+
+    def _node_spatial(self, n: torch.fx.Node | None, spatial: dict[str, set[str]]) -> set[str]:
+        if n is None:
+            return set()
+        if n.op == "output":
+            deps: set[str] = set()
+            for a in n.all_input_nodes:
+                deps |= spatial.get(a.name, set())
+            return deps
+        return spatial.get(n.name, set())
+
+    def _output_node(self) -> torch.fx.Node | None:
+        return next((n for n in reversed(self.nodes) if n.op == "output"), None)
+
+    def _head_nodes(self, spatial: dict[str, set[str]], rigid: set[str]) -> list[torch.fx.Node]:
+        """Nodes that end the spatial part: non-spatial output from a spatial input, with no spatial
+        node downstream (so squeeze-excite pooling, broadcast back onto the map, is not a head)."""
+        downstream_spatial: dict[str, bool] = {}
+        for n in reversed(self.nodes):
+            downstream_spatial[n.name] = any(
+                bool(spatial.get(u.name)) or downstream_spatial.get(u.name, False) or _writes_into_spatial(u, spatial)
+                for u in n.users)
+        heads = []
+        for n in self.nodes:
+            if n.op in ("placeholder", "output", "get_attr") or spatial.get(n.name) or n.name in rigid \
+                    or n.name in self.unknown_nodes:
+                continue
+            if not _tensors(self.sym.values.get(n.name)) and n.name in self.sym.values:
+                continue  # sizes and other Python values are not the head
+            if any(spatial.get(a.name) and _tensors(self.sym.values.get(a.name, 1)) for a in n.all_input_nodes) \
+                    and not downstream_spatial[n.name]:
+                heads.append(n)
+        return heads
+
+
+
+def _writes_into_spatial(n: torch.fx.Node, spatial: dict[str, set[str]]) -> bool:
+    """An in-place write (`out[..., :4, :4] = f`, `x.copy_(f)`, `x.add_(f)`) into a spatial tensor:
+    the value written reaches the map, however the write's own (None) output looks."""
+    import operator
+
+    inplace = (n.op == "call_function" and n.target is operator.setitem) or (
+        n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_"))
+    target = n.args[0] if n.args else None
+    return inplace and isinstance(target, torch.fx.Node) and bool(spatial.get(target.name))
