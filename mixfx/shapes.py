@@ -339,7 +339,8 @@ def _shape_of(value: Any) -> Any:
 
 
 def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, allow_real: bool = True,
-                       example_probe_failures: dict[str, str] | None = None) -> ConcreteRun:
+                       example_probe_failures: dict[str, str] | None = None,
+                       probe_values: bool = True) -> ConcreteRun:
     """Run `gm` on a meta tensor of `input_shape`; never raises for failures inside the graph.
 
     Where a node cannot run on meta tensors (data-dependent control flow in a leaf module, an op
@@ -348,7 +349,7 @@ def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
 
     Opaque helper functions are value-probed (see `_MetaInterpreter`). Given the probe failures
     at the example size, a probe that fails here but not there is this run's failure."""
-    run = _propagate(gm, input_shape, real=False)
+    run = _propagate(gm, input_shape, real=False, probe_values=probe_values)
     if example_probe_failures is not None and run.failure is None:
         new = [name for name in run.probe_failures if name not in example_probe_failures]
         if new:
@@ -381,7 +382,8 @@ def meta_tensor_shapes(gm: torch.fx.GraphModule, inputs: list[Any]) -> dict[str,
     return shapes
 
 
-def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool) -> ConcreteRun:
+def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool,
+               probe_values: bool = True) -> ConcreteRun:
     run = ConcreteRun(tuple(input_shape))
     shapes = run.shapes
     base = _PropagationInterpreter if real else _MetaInterpreter
@@ -393,7 +395,7 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
             return out
 
     # real values can decide shapes (nonzero, masks): no shortcuts on real tensors
-    interp = _Recorder(gm, fast=False) if real else _Recorder(gm, probe_values=True)
+    interp = _Recorder(gm, fast=False) if real else _Recorder(gm, probe_values=probe_values)
     ctx = contextlib.nullcontext() if real else meta_weights(gm)
     x = torch.randn(input_shape) if real else torch.empty(input_shape, device="meta")
     with ctx, torch.no_grad():

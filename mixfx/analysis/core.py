@@ -36,6 +36,11 @@ DEFAULT_SYMBOLIC_BUDGET_S = 5.0
 _RAW = re.compile(r"Mod\(|FloorDiv|CeilToInt|ModularIndexing|PythonMod|IntTrueDiv|Piecewise|Max\(|Min\(")
 
 
+# where torch.export's guard log says a guard came from torch's own code
+_TORCH_INTERNAL = re.compile(r"(^|/)(_subclasses|_refs|_decomp|_prims|_prims_common|_meta_registrations|fx|_ops|"
+                             r"_higher_order_ops|_export|export|nn/functional|_dynamo|utils)/|_ops\.py|functional\.py")
+
+
 class _Analyser(GuardStage, HeadStage, GraphMixingStage):
     def __init__(self, gm: torch.fx.GraphModule, example_shape: tuple[int, ...], model_name: str, tracer: str,
                  is_timm: bool, symbolic_budget_s: float | None = None, eager: nn.Module | None = None,
@@ -91,7 +96,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         t0 = time.perf_counter()
         meanings = self._guard_meanings()
         rigid = self._rigid_nodes(meanings)
-        constraints = self._constraints(meanings) + self._export_constraints()
+        constraints = self._constraints(meanings)
+        self.branches = self._export_constraints()
         self.timings["guards_s"] = time.perf_counter() - t0
 
         # fixed means fixed: which other sizes does the eager model run at?
@@ -102,7 +108,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         t0 = time.perf_counter()
         sizes = self._spatial_sizes(running)
-        others = [propagate_concrete(self.gm, s, example_probe_failures=base.probe_failures) for s in sizes]
+        # shapes only: whether the eager model runs there is the size search's answer, so no value probes
+        others = [propagate_concrete(self.gm, s, probe_values=False, allow_real=False) for s in sizes]
         usable = [r for r in others if r.ok]
         for r in others:
             if not r.ok and self.tracer == "export":
@@ -124,6 +131,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             if (f.function and getattr(n.target, "__name__", None) == f.function)
             or (f.module and (module_path(n) or "").startswith(f.module))}
         head_nodes = self._head_nodes(spatial, not_heads)
+        if not head_nodes and resized:
+            head_nodes = self._head_after(resized, base)
         head = head_nodes[0] if head_nodes else None
         if findings is None:
             mixing = [m for m in self._global_mixing() if not self._contracted_is_constant(m.node, base, usable)]
@@ -192,7 +201,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         sizes = list(running[:2])
         spatial = self.example[2:]
         if spatial and min(spatial) < 64:
-            big = (*self.example[:2], *(s * 4 + 8 * i for i, s in enumerate(spatial)))
+            k = -(-64 // min(spatial))
+            big = (*self.example[:2], *(s * k + 8 * i for i, s in enumerate(spatial)))
             if self.probe(big).ok:
                 sizes.append(big)
         return sizes
@@ -267,12 +277,27 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         """(fx node, module, op) of a finding: the node that runs its module; for code at the top
         level, the node that calls the model's function the op was made in (an autowrapped helper)."""
         node = self._node_of(f.module) if f.module else None
+        if node is None:
+            node = self._node_by_op(f)
+            if node is not None:
+                return node, module_path(self.by_name[node]), f.op
         if node is None and f.function:
             node = next((n.name for n in self.nodes if n.op == "call_function"
                          and getattr(n.target, "__name__", None) == f.function), None)
             if node is not None and not f.module:
                 return node, f.function, f.op
         return node or f.module or "(top level)", f.module or None, f.op
+
+    def _node_by_op(self, f: locality.Finding) -> str | None:
+        """The `f.index`-th node of the finding's op among the nodes of its module (for ops the
+        model's own forward makes at the top level)."""
+        wanted = f.op.split(".")[-1]
+        found = [n.name for n in self.nodes if n.op in ("call_function", "call_method")
+                 and (module_path(n) or "") == (f.module or "")
+                 and _node_target_name(n) in (wanted, wanted.replace("multi_head_attention", "multi_head_attention_forward"))]
+        if not found:
+            return None
+        return found[min(f.index, len(found) - 1)]
 
     def _resized_node(self, f: locality.Finding) -> RigidNode:
         node, module, op = self._attribute(f)
@@ -281,6 +306,27 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                          f"{f.reason} (the model accepts any size only because it resizes to {size} first)",
                          f"resized to {size}", "Process the input at its own size (drop the resize), or resize "
                          "outside the model.", source="concrete")
+
+    def _head_after(self, resized: list[RigidNode], base: ConcreteRun) -> list[torch.fx.Node]:
+        """After a resize to a constant size nothing depends on the input size, but positions go
+        on being positions: the head is the first node after it that turns a map or a token
+        sequence (rank >= 3) into vectors (rank <= 2, or every dim after the channels 1)."""
+        index = {n.name: i for i, n in enumerate(self.nodes)}
+        start = min((index.get(r.node, len(self.nodes)) for r in resized), default=len(self.nodes))
+
+        def shape(name: str) -> tuple | None:
+            got = base.shapes.get(name)
+            return got if isinstance(got, tuple) else None
+
+        for n in self.nodes[start + 1:]:
+            out = shape(n.name)
+            if out is None or n.op in ("placeholder", "output", "get_attr"):
+                continue
+            pooled = len(out) <= 2 or all(int(d) == 1 for d in out[2:])
+            if pooled and any((s := shape(a.name)) is not None and len(s) >= 3 and any(int(d) > 1 for d in s[2:])
+                              for a in n.all_input_nodes):
+                return [n]
+        return []
 
     def _before_head(self, found: list, head: torch.fx.Node | None) -> list:
         """A verdict never depends on what happens after the head."""
@@ -291,17 +337,19 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         return [f for f in found if index.get(f.node, -1) <= limit]
 
     # -- constraints ----------------------------------------------------------------------------
-    def _export_constraints(self) -> list[GuardMeaning]:
+    def _export_constraints(self) -> list[str]:
         """Guards torch.export added while tracing: branches on sizes (`if W > 48`) are input
         constraints; a pin (`int()` of a size) is said, never made a rigid node (the eager size
         search decides)."""
-        out: list[GuardMeaning] = []
+        out: list[str] = []
         if not self.export_guards or not self.dim_names:
             return out
         import sympy
 
         local = {f"d{2 + i}": self.symbols[n] for i, n in enumerate(self.dim_names)}
         for text, where in self.export_guards:
+            if _TORCH_INTERNAL.search(where):
+                continue  # a kernel's own check (slicing bounds), not the model's code
             try:
                 expr = sympy.sympify(text, locals=local)
                 meanings = characterise(expr, self.symbols, self.example_sizes)
@@ -313,15 +361,17 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                                       "of a size or a branch on it): the graph holds at that size only; whether the "
                                       "model runs elsewhere is decided on the eager model.")
                 elif m.kind not in ("always", "specialisation"):
-                    m.text = f"{m.text} (a branch at {where})" if "==" not in m.text and "%" not in m.text else m.text
-                    out.append(m)
-        return out
+                    out.append(f"{m.text} (a branch taken at the example size, at {where})")
+        return list(dict.fromkeys(out))
 
     def _final_constraints(self, constraints: list[GuardMeaning], rigid: list[RigidNode],
                            search: size_search.SizeSearch) -> tuple[list[str], list[str]]:
         if rigid:
             # the pin is the constraint; the others hold at the pinned size and would contradict it
-            return list(dict.fromkeys(r.condition for r in rigid if r.condition)), []
+            example = "x".join(map(str, self.example[2:]))
+            pins = [r.condition if r.condition and not _RAW.search(r.condition) and len(r.condition) <= 80
+                    else f"{example} only" for r in rigid]
+            return list(dict.fromkeys(pins)), [m.text for m in constraints]
         kept, dropped = self._confirm_constraints(constraints, False)
         readable = []
         for text in kept:
@@ -329,13 +379,17 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                 dropped.append(f"{text[:120]} (not readable in input terms)")
             else:
                 readable.append(text)
-        if self.cut_short and search.running is not None:
+        if self.cut_short:
+            # the guards seen before the budget ran out are a partial list: divisibility comes
+            # from the size search instead
             found = size_search.divisibility(self.eager, self.example, self.dim_names, search)
             for p in search.probes:
                 self.probes.setdefault(p.input_shape, p)
-            have = set(readable)
-            readable += [f"{t} (from the size search)" for t in found if t not in have]
-        return readable, dropped
+            partial = [t for t in readable if "%" in t]
+            dropped += [f"{t} (partial: the symbolic run stopped at its budget)" for t in partial]
+            readable = [t for t in readable if t not in partial] + [f"{t} (from the size search)" for t in found]
+        # a branch is a constraint although other sizes run: they run down the other branch
+        return readable + [b for b in self.branches if b not in readable], dropped
 
     def _require_example_ok(self, base: ConcreteRun) -> None:
         if base.failure is None:
@@ -409,6 +463,13 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                                   status, sorted(spatial.get(n.name, set()), key=self.dim_names.index),
                                   [a.name for a in n.all_input_nodes], detail))
         return table
+
+
+def _node_target_name(n: torch.fx.Node) -> str:
+    if n.op == "call_method":
+        return str(n.target)
+    packet = getattr(n.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(n.target, "__name__", "") or ""
 
 
 def _fit_dim(vals: list[tuple[tuple[int, ...], int]], names: list[str]) -> str:

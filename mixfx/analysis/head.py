@@ -74,12 +74,32 @@ class HeadStage:
 
 
 
+_VIEW_OPS = {"slice", "select", "view", "getitem", "narrow", "as_strided", "alias", "unsqueeze", "squeeze",
+             "permute", "transpose", "expand", "diagonal", "unfold", "t"}
+
+
+def _target_name(n: torch.fx.Node) -> str:
+    if n.op == "call_method":
+        return str(n.target)
+    packet = getattr(n.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(n.target, "__name__", "") or ""
+
+
 def _writes_into_spatial(n: torch.fx.Node, spatial: dict[str, set[str]]) -> bool:
-    """An in-place write (`out[..., :4, :4] = f`, `x.copy_(f)`, `x.add_(f)`) into a spatial tensor:
-    the value written reaches the map, however the write's own (None) output looks."""
+    """An in-place write (`out[..., :4, :4] = f`, `x.copy_(f)`, `x.add_(f)`, export's aten `copy_`
+    into a slice) into a spatial tensor, or into a view of one: the value written reaches the map,
+    however the write's own output looks."""
     import operator
 
-    inplace = (n.op == "call_function" and n.target is operator.setitem) or (
-        n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_"))
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = _target_name(n)
+    inplace = n.target is operator.setitem or (name.endswith("_") and not name.startswith("_"))
     target = n.args[0] if n.args else None
-    return inplace and isinstance(target, torch.fx.Node) and bool(spatial.get(target.name))
+    while inplace and isinstance(target, torch.fx.Node):
+        if spatial.get(target.name):
+            return True
+        if target.op not in ("call_function", "call_method") or _target_name(target).strip("_") not in _VIEW_OPS:
+            return False
+        target = target.args[0] if target.args else None
+    return False

@@ -51,6 +51,7 @@ class Event:
     followed: bool = False  # resize: spatial processing after it
     key: tuple = ()
     function: str = ""  # the model's function that made the call
+    index: int = 0  # how many events of this op in this module came before
 
 
 @dataclass
@@ -137,8 +138,11 @@ class _Recorder(TorchFunctionMode):
         base = (module, op, kind, _call_site(), kw.get("out_sizes", ()))
         n = self.counts.get(base, 0)
         self.counts[base] = n + 1
+        same_op = (module, op)
+        index = self.counts.get(same_op, 0)
+        self.counts[same_op] = index + 1
         ev = Event(kind, module, op, L.extent(dims), int(__import__("math").prod(L.dim_length(d) for d in dims)),
-                   key=(*base, n), function=base[3][2], **kw)
+                   key=(*base, n), function=base[3][2], index=index, **kw)
         self.log.events.append(ev)
         self.by_key[ev.key] = ev
         return ev
@@ -762,6 +766,7 @@ class Finding:
     reason: str
     out_sizes: tuple = ()
     function: str = ""  # the model's function that made the call (attribution of top-level code)
+    index: int = 0  # the how-manyth such op in its module
 
 
 def _axes_text(ext: dict[int, float], names: Sequence[str]) -> str:
@@ -794,17 +799,17 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
             reach = "grows with the input" + (f" ({e.length} positions here)" if e.length > 1 else "")
             found.append(Finding("mixing", e.module, e.op,
                                  f"{e.detail or e.op} over {_axes_text(e.extent, axis_names)}: the extent it "
-                                 f"combines {reach}", function=e.function))
+                                 f"combines {reach}", function=e.function, index=e.index))
         elif e.kind == "norm" and _grows(e, twin, sizes):
             found.append(Finding("context", e.module, e.op,
                                  f"{e.detail} over all of {_axes_text(e.extent, axis_names)} (a summary of every "
-                                 "position, applied back to the map)", function=e.function))
+                                 "position, applied back to the map)", function=e.function, index=e.index))
         elif e.kind == "resize" and e.followed:
             const = twin is not None and twin.out_sizes == e.out_sizes and twin.in_sizes != e.in_sizes
             if const and any(s > 1 for s in e.out_sizes):
                 found.append(Finding("resized", e.module, e.op,
                                      f"resized to {'x'.join(map(str, e.out_sizes))}: nothing after it varies with "
-                                     "the input", e.out_sizes, e.function))
+                                     "the input", e.out_sizes, e.function, e.index))
     seen: set[tuple] = set()
     for e in first.events:
         if e.kind == "broadcast" and e.source in growing_summary and e.source not in seen:
@@ -813,5 +818,5 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
             found.append(Finding("context", src.module, src.op,
                                  f"{src.op} over {_axes_text(src.extent, axis_names)} broadcast back onto the map"
                                  + (f" at `{e.module}`" if e.module and e.module != src.module else ""),
-                                 function=src.function))
+                                 function=src.function, index=src.index))
     return found
