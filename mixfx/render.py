@@ -9,7 +9,8 @@ from rich.text import Text
 from mixfx.report import AnalysisReport
 
 CLASS_STYLE = {"convolutional": "bold green", "polymorphic": "bold yellow", "fixed": "bold red"}
-STATUS_STYLE = {"rigid": "bold red", "guarded": "red", "global_mixing": "yellow", "head": "bold cyan",
+STATUS_STYLE = {"rigid": "bold red", "guarded": "red", "resized": "red", "global_mixing": "yellow",
+                "global_context": "cyan", "head": "bold cyan",
                 "spatial": "green", "static": "dim", "unknown": "magenta"}
 
 
@@ -55,6 +56,10 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
             shown = ", ".join(mods[:2]) + (f", ... ({len(mods)} nodes)" if len(mods) > 2 else "")
             t.add_row(shown, op, reason)
         console.print(t)
+    if report.global_context:  # issue 13: summaries broadcast back; not mixing
+        console.print(Text("Global context (not mixing: keeps it convolutional, but not tileable)", style="bold"))
+        for c in report.global_context:
+            console.print(f" {c.module or c.node}  {c.op}: {c.reason}", highlight=False)
     for d in report.disagreements:
         console.print(f"[bold magenta]disagreement:[/] {d}")
     for n in report.notes:

@@ -14,6 +14,7 @@ SCHEMA_KEYS = {
     "schema_version", "model", "input_shape", "tracer", "classification", "fully_convolutional", "summary",
     "rigid_nodes", "head", "global_mixing", "constraints", "output_shape", "outputs", "concrete_checks",
     "disagreements", "confirmed", "notes", "dropped_guards", "unknown_nodes", "nodes", "timings",
+    "global_context", "receptive_field", "tileable",
 }
 
 
@@ -41,7 +42,7 @@ def test_json_schema(example_path):
     assert rigid["module"] == "pos_embed"
     assert set(data["head"]) == {"node", "module", "op"}
     node = data["nodes"][1]
-    assert set(node) == {"name", "op", "module", "shape", "status", "depends_on", "inputs", "detail"}
+    assert set(node) == {"name", "op", "module", "shape", "status", "depends_on", "inputs", "detail", "receptive_field"}
     check = data["concrete_checks"][0]
     assert set(check) == {"input_shape", "ok", "failed_node", "failed_module", "error", "failed_asserts",
                           "expected_ok", "agrees"}

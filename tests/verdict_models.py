@@ -275,6 +275,25 @@ def far_end_changes(model: nn.Module, shape: tuple[int, ...], pick: Callable[[to
     return not torch.allclose(a[..., -4:, -4:], b[..., -4:, -4:], atol=1e-5)
 
 
+def reach(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """How far (in output positions, Chebyshev distance) a change of the input's top-left 4x4
+    corner travels in the output map."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    y = x.clone()
+    y[..., :4, :4] += 5.0
+    with torch.no_grad():
+        changed = (model(x) - model(y)).abs().amax(dim=(0, 1)) > 1e-5
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    return int(torch.maximum(rows, cols).max()) if len(rows) else 0
+
+
+def reach_grows(model: nn.Module, small: tuple[int, ...], big: tuple[int, ...]) -> bool:
+    """Global: the change travels further on a larger input (a local op's reach is bounded by
+    its receptive field, whatever the input size)."""
+    return reach(model, big) > reach(model, small)
+
+
 def far_change_is_per_channel_affine(model: nn.Module, shape: tuple[int, ...]) -> bool:
     """Global context (a gate or a norm's statistics) changes the far end only by a per-channel
     scale and shift of what was there; mixing does not."""
