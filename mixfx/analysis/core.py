@@ -72,6 +72,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         t0 = time.perf_counter()
         base = self.example_run if self.example_run is not None else propagate_concrete(self.gm, self.example)
         self.base_probe_failures = base.probe_failures
+        self.base_shapes = base.shapes
         self.notes.extend(base.notes)
         self._require_example_ok(base)
         self.timings["concrete_example_s"] = time.perf_counter() - t0
@@ -248,7 +249,10 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                               "global mixing is read off the graph only.")
             return None
         second = None
-        if running:
+        # a second run only where the first has something to judge: an op that combined
+        # positions, or a summary broadcast back (a plain CNN's only event is its global pool)
+        judged = any(e.kind in ("mixing", "norm", "resize", "broadcast") for e in first.events)
+        if running and judged:
             big = max(running, key=lambda s: sum(s[2:]))
             second = locality.record_ops(self.eager, big)
             if second.error is not None:

@@ -65,12 +65,19 @@ class HeadStage:
             if n.op in ("placeholder", "output", "get_attr") or spatial.get(n.name) or n.name in rigid \
                     or n.name in self.unknown_nodes:
                 continue
-            if not _tensors(self.sym.values.get(n.name)) and n.name in self.sym.values:
+            if not self._is_tensor(n.name):
                 continue  # sizes and other Python values are not the head
-            if any(spatial.get(a.name) and _tensors(self.sym.values.get(a.name, 1)) for a in n.all_input_nodes) \
+            if any(spatial.get(a.name) and self._is_tensor(a.name) for a in n.all_input_nodes) \
                     and not downstream_spatial[n.name]:
                 heads.append(n)
         return heads
+
+    def _is_tensor(self, name: str) -> bool:
+        """A tensor-valued node: by its symbolic value, else (the symbolic run stopped before it) by
+        the example run's shape."""
+        if name in self.sym.values:
+            return bool(_tensors(self.sym.values[name]))
+        return isinstance(getattr(self, "base_shapes", {}).get(name), tuple)
 
 
 
