@@ -59,6 +59,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.timings: dict[str, float] = {}
         self.example_run: ConcreteRun | None = None  # the tracer's clean run at the example, if any
         self.probes: dict[tuple[int, ...], size_search.Probe] = {}
+        self.example_log: locality.OpLog | None = None
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
@@ -132,6 +133,10 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             if (f.function and getattr(n.target, "__name__", None) == f.function)
             or (f.module and (module_path(n) or "").startswith(f.module))}
         head_nodes = self._head_nodes(spatial, not_heads)
+        if not running and self.example_log is not None:
+            # no other size runs: past a pin every shape is constant, so spatial dependence
+            # cannot place the head; positions can (the recorded forward's layouts)
+            head_nodes = self._head_from_log(self.example_log) or head_nodes
         if not head_nodes and resized:
             head_nodes = self._head_after(resized, base)
         head = head_nodes[0] if head_nodes else None
@@ -222,8 +227,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         if rigid and running:
             size = "x".join(map(str, running[0][2:]))
             for r in rigid:
-                self.notes.append(f"`{r.module or r.node}` pins {r.condition} at the example size, but the eager "
-                                  f"model runs at {size}: a branch or specialisation, not rigid.")
+                self.notes.append(f"`{r.node}` ({r.module}) branches on {r.condition} at the example size, but the "
+                                  f"eager model runs at {size}: a branch taken there (or a specialisation), not rigid.")
             return checks, disagreements, []
         if not rigid and not running and search.probes:
             fails = [p for p in search.probes if not p.ok]
@@ -244,6 +249,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         """Every torch call of the eager forward at the example size and, where another size runs,
         at the largest of them; None when the eager forward cannot be recorded."""
         first = locality.record_ops(self.eager, self.example)
+        self.example_log = first if first.error is None else None
         if first.error is not None:
             self.notes.append(f"Could not record the eager forward for the locality check ({first.error}); "
                               "global mixing is read off the graph only.")
@@ -311,6 +317,19 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                          f"resized to {size}", "Process the input at its own size (drop the resize), or resize "
                          "outside the model.", source="concrete")
 
+    def _head_from_log(self, log: locality.OpLog) -> list[torch.fx.Node]:
+        """The fx node of the recorded op where positions stop being positions."""
+        end = log.head()
+        if end is None:
+            return []
+        module, op, index = end
+        finding = locality.Finding("head", module, op, "", index=index)
+        node = self._node_by_op(finding) if not module or self._node_of(module) is None else None
+        if node is None and module:
+            exact = [n for n in self.nodes if n.op == "call_module" and str(n.target) == module]
+            node = exact[0].name if exact else self._node_of(module)
+        return [self.by_name[node]] if node in self.by_name else []
+
     def _head_after(self, resized: list[RigidNode], base: ConcreteRun) -> list[torch.fx.Node]:
         """After a resize to a constant size nothing depends on the input size, but positions go
         on being positions: the head is the first node after it that turns a map or a token
@@ -368,6 +387,21 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                     out.append(f"{m.text} (a branch taken at the example size, at {where})")
         return list(dict.fromkeys(out))
 
+    def _pinned_sizes(self, exprs: list) -> list[str]:
+        """Per dim (the others at the example), the sizes every pin allows: `H == 224`,
+        `209 <= H <= 224`."""
+        preds = [predicate(e, self.symbols) for e in exprs]
+        out = []
+        for name, ex in self.example_sizes.items():
+            ok = [x for x in range(2, 3 * ex + 1) if all(p(**{**self.example_sizes, name: x}) for p in preds)]
+            if not ok:
+                return []
+            if ok == list(range(ok[0], ok[-1] + 1)):
+                out.append(f"{name} == {ok[0]}" if len(ok) == 1 else f"{ok[0]} <= {name} <= {ok[-1]}")
+            else:
+                out.append(f"{name} in {{{', '.join(map(str, ok[:6]))}{', ...' if len(ok) > 6 else ''}}}")
+        return out
+
     def _final_constraints(self, constraints: list[GuardMeaning], rigid: list[RigidNode],
                            search: size_search.SizeSearch) -> tuple[list[str], list[str]]:
         if rigid:
@@ -375,6 +409,13 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             example = "x".join(map(str, self.example[2:]))
             pins = [r.condition if r.condition and not _RAW.search(r.condition) and len(r.condition) <= 80
                     else f"{example} only" for r in rigid]
+            exprs = list({str(e): e for e in getattr(self, "pin_exprs", [])}.values())
+            if len(exprs) > 1:  # several pins: the sizes they allow together, per dim
+                try:
+                    together = self._pinned_sizes(exprs)
+                except Exception:  # noqa: BLE001 - the pins as they are, then
+                    together = []
+                pins = together or pins
             return list(dict.fromkeys(pins)), [m.text for m in constraints]
         kept, dropped = self._confirm_constraints(constraints, False)
         readable = []

@@ -45,10 +45,13 @@ class GuardStage:
         rigid: list[RigidNode] = []
         seen: set[str] = set()
         example_txt = "x".join(str(v) for v in self.example_sizes.values())
+        self.pin_exprs = [m.expr for entries in meanings.values() for _, ms in entries for m in ms
+                          if m.kind == "fixed" and m.expr is not None]
         for n in self.nodes:
             if n.name in self.assert_meanings:
                 cond, ms = self.assert_meanings[n.name]
                 fixed = [m for m in ms if m.kind == "fixed"]
+                self.pin_exprs += [m.expr for m in fixed if m.expr is not None]
                 if fixed:
                     text = " and ".join(dict.fromkeys(m.text for m in fixed))
                     mod = self._assert_module(n)

@@ -60,6 +60,16 @@ class OpLog:
     events: list[Event] = field(default_factory=list)
     error: str | None = None
     calls: int = 0
+    # ops that turned a map of positions into vectors, as (call number, module, op, index), and
+    # the call number of the last op whose output still had positions: the head is the first end
+    # after it (where positions stop being treated as positions)
+    ends: list[tuple[int, str, str, int]] = field(default_factory=list)
+    last_positional: int = -1
+    step: int = 0
+
+    def head(self) -> tuple[str, str, int] | None:
+        after = [e for e in self.ends if e[0] >= self.last_positional]
+        return after[0][1:] if after else None
 
 
 def _call_site() -> tuple[str, int, str]:
@@ -198,13 +208,26 @@ class _Recorder(TorchFunctionMode):
             self.log.calls += 1
         x = args[0] if args and isinstance(args[0], TENSOR_LIKE) else (ins[0] if ins else None)
         rule = _RULES.get(name)
-        if rule is not None and x is not None:
-            got = rule(self, x, args, kwargs, out, outs)
-            if got is not None:
-                for t, lay in zip(outs, got):
-                    self.set(t, lay, ins)
-                return
-        self.default(ins, outs)
+        try:
+            if rule is not None and x is not None:
+                got = rule(self, x, args, kwargs, out, outs)
+                if got is not None:
+                    for t, lay in zip(outs, got):
+                        self.set(t, lay, ins)
+                    return
+            self.default(ins, outs)
+        finally:
+            self.track_positions(name, ins, outs)
+
+    def track_positions(self, op: str, ins: Sequence[Any], outs: Sequence[Any]) -> None:
+        self.log.step += 1
+        if any(L.is_positional(self.layout(t)) for t in outs):
+            self.log.last_positional = self.log.step
+        elif any(L.is_positional(self.layout(t)) for t in ins):
+            key = ("end", self.module(), op)
+            index = self.counts.get(key, 0)
+            self.counts[key] = index + 1
+            self.log.ends.append((self.log.step, self.module(), op, index))
 
     def default(self, ins: Sequence[Any], outs: Sequence[Any]) -> None:
         shaped = [(self.layout(t), tuple(t.shape)) for t in ins]
@@ -720,6 +743,7 @@ def _module_stack(r: _Recorder, model: nn.Module) -> Iterator[None]:
             try:
                 r.stack.append((name, calls))
                 _module_rule(r, mod, args, out)
+                r.track_positions(type(mod).__name__, _tensors_in(args), _tensors_in(out))
             except Exception:  # noqa: BLE001
                 pass
             finally:

@@ -157,7 +157,7 @@ def candidates(example: Sequence[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probes: int = 14,
+def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probes: int = 10,
            prefer: Callable[[tuple[int, ...]], bool] | None = None) -> SizeSearch:
     """Probe candidate sizes until `want` of them run (or `max_probes` were tried). Candidates
     that satisfy `prefer` (the symbolic constraints, when known) go first."""
