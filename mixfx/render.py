@@ -28,10 +28,17 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
                  if report.head else ("none: the output is spatial" if report.fully_convolutional else "-"))
     info.add_row("constraints", "; ".join(_short_constraint(c) for c in report.constraints) or "none found")
     checks = []
+    fails = [c for c in report.concrete_checks if not (c.ok and not c.failed_asserts)]
     for c in report.concrete_checks:
         size = "x".join(map(str, c.input_shape[2:]))
         mark = "[green]runs[/]" if c.ok and not c.failed_asserts else f"[red]fails at {c.failed_node or ', '.join(c.failed_asserts)}[/]"
+        if len(fails) > 2 and c in fails:  # the size search's many failures: one line (--json has each)
+            mark = "[red]fails[/]"
         checks.append(f"{size} {mark}{'' if c.agrees else ' [bold magenta](disagrees)[/]'}")
+    if len(fails) > 2:
+        checks = [x for x in checks if "fails" not in x][:3] + [
+            f"[red]{len(fails)} other sizes fail[/] ({', '.join('x'.join(map(str, c.input_shape[2:])) for c in fails[:3])}"
+            f", ...; first at {fails[0].failed_module or fails[0].failed_node})"]
     info.add_row("concrete", "; ".join(checks))
     lines.append(info)
     console.print(Panel(Group(*lines), title="mixfx analyze", expand=False))

@@ -30,7 +30,8 @@ Leaf = str | type
 
 @dataclass
 class TraceResult:
-    """A traced model. `tracer` is "fx" (module-level graph) or "export" (aten-level graph)."""
+    """A traced model. `tracer` is "fx" (module-level graph), "export" (aten-level graph) or
+    "opaque" (the whole model as one node: no tracer got through within its budget)."""
 
     graph_module: torch.fx.GraphModule
     tracer: str
@@ -40,6 +41,8 @@ class TraceResult:
     # export only: the guards torch.export added while tracing, as (condition over the input dims
     # "s2", "s3" ... renamed to dim indices, source location): branches on sizes and specialisations
     export_guards: list[tuple[str, str]] = field(default_factory=list)
+    # export only: the graph was exported at the example size (dynamic H, W took too long)
+    specialised: bool = False
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -224,15 +227,17 @@ class _GuardLog:
 
 
 def export_trace(model: nn.Module, example_input: torch.Tensor,
-                 guards: list[tuple[str, str]] | None = None) -> torch.fx.GraphModule:
-    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd).
-    `guards`, if given, receives the guards export added (see `_GuardLog`)."""
+                 guards: list[tuple[str, str]] | None = None, *, dynamic: bool = True) -> torch.fx.GraphModule:
+    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd), or
+    static ones (`dynamic=False`). `guards`, if given, receives the guards export added (see
+    `_GuardLog`)."""
     from torch.export import Dim
 
-    dims = {d: Dim.AUTO for d in range(2, example_input.dim())}
+    dims = {d: Dim.AUTO for d in range(2, example_input.dim())} if dynamic else None
     try:
         with _GuardLog() as log:
-            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,) if dims else None,
+                                          strict=False)
         if guards is not None:
             guards.extend(log.guards)
     except Exception as exc:  # noqa: BLE001
@@ -290,11 +295,14 @@ def trace(
     autowrap: Sequence[Callable] = (),
     allow_export: bool = True,
     check: bool = True,
+    export_budget_s: float | None = None,
 ) -> TraceResult:
     """Trace `model` with torch.fx, falling back to non-strict torch.export (needs `example_input`).
 
     `check=True` runs the fx graph against the eager model once (fake tensors) and falls back
-    when they disagree."""
+    when they disagree. `export_budget_s` caps the dynamic-shape export in CPU-seconds (windowed
+    models build size expressions sympy takes minutes over): past it the model is exported at the
+    example size (`TraceResult.specialised`), and says so."""
     attempts: list[str] = []
     fx_error: TraceError | None = None
     optional = _optional_arguments(model)
@@ -322,15 +330,55 @@ def trace(
                          "Try --leaf for the module involved.")
     if example_input.is_meta and not any(p.is_meta for p in model.parameters()):
         example_input = torch.zeros(example_input.shape, dtype=example_input.dtype)  # export runs the model
+    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+
     guards: list[tuple[str, str]] = []
+    specialised = False
     try:
-        gm = export_trace(model, example_input, guards)
+        try:
+            # an interrupted trace can leave SymInts in the model's caches (Swin's attention masks):
+            # under a budget it traces a copy (parameters shared, so no weight memory is copied)
+            subject = _shallow_copy(model) if export_budget_s else model
+            with time_budget(export_budget_s):
+                gm = export_trace(subject, example_input, guards)
+        except SymbolicBudgetExceeded:
+            guards.clear()
+            attempts.append(f"torch.export with dynamic H, W: over its {export_budget_s:g} CPU-second budget; the "
+                            "model is analysed as one opaque module (its ops are still judged one by one on the "
+                            "eager forward; which sizes run comes from eager runs)")
+            return TraceResult(_opaque_graph(model), "opaque", attempts, specialised=True)
     except TraceError as exc:
         if fx_error is not None:
             raise TraceError(fx_error.message + f" The torch.export fallback failed too ({exc.message.rstrip('.')}).",
                              fx_error.hint) from exc
         raise
-    return TraceResult(gm, "export", attempts, export_guards=guards)
+    return TraceResult(gm, "export", attempts, export_guards=guards, specialised=specialised)
+
+
+class _Whole(nn.Module):
+    """The model as one leaf of a one-node graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def _opaque_graph(model: nn.Module) -> torch.fx.GraphModule:
+    """placeholder -> call_module `model` -> output: for a model no tracer gets through in time."""
+    root = _Whole(model)
+    return torch.fx.GraphModule(root, MixfxTracer(leaves=(type(model),), use_timm=False).trace(root), "Opaque")
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original tensors: state a
+    trace writes into the copy's attributes does not reach the original."""
+    import copy
+
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
 
 
 def _optional_arguments(model: nn.Module) -> dict[str, None]:

@@ -60,6 +60,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.example_run: ConcreteRun | None = None  # the tracer's clean run at the example, if any
         self.probes: dict[tuple[int, ...], size_search.Probe] = {}
         self.example_log: locality.OpLog | None = None
+        self.specialised = False  # the graph was exported at the example size only
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
@@ -85,7 +86,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.symbols = sym.symbols
         self.dim_names = list(self.symbols)
         self.example_sizes = {name: self.example[2 + i] for i, name in enumerate(self.dim_names)}
-        self.cut_short = sym.failure is not None and sym.failure.kind == "timeout"
+        # constraints from the size search: the symbolic run stopped, or ran on a specialised graph
+        self.cut_short = (sym.failure is not None and sym.failure.kind == "timeout") or self.specialised
         if sym.failure is not None:
             n = self.by_name.get(sym.failure.node)
             self.notes.append(
@@ -594,7 +596,8 @@ def analyze(
     elif isinstance(model, torch.fx.GraphModule):
         traced = TraceResult(model, "given")
     else:
-        traced = trace(model, example_input, leaves=leaves)
+        traced = trace(model, example_input, leaves=leaves,
+                       export_budget_s=None if symbolic_budget_s is None else max(10.0, 2 * symbolic_budget_s))
     trace_s = time.perf_counter() - t0
     root = model.graph_module if isinstance(model, TraceResult) else model
     is_timm = type(root).__module__.startswith("timm.") or any(
@@ -603,6 +606,7 @@ def analyze(
     analyser = _Analyser(traced.graph_module, tuple(example_input.shape), name or type(root).__name__,
                          traced.tracer, is_timm, symbolic_budget_s, eager=eager,
                          export_guards=traced.export_guards)
+    analyser.specialised = traced.specialised
     analyser.notes.extend(f"Tracer fallback: {a}" for a in traced.attempts)
     run = traced.example_run
     if run is not None and run.failure is None and tuple(run.input_shape) == tuple(example_input.shape):
