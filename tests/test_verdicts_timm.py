@@ -71,3 +71,15 @@ def test_maxvit_runs_at_other_sizes_so_it_is_not_fixed_even_when_cut_short():
     assert rep.head is not None
     assert any(c.startswith("H % 256 == 0") for c in rep.constraints), rep.constraints
     assert not any("Mod(" in c or "FloorDiv" in c for c in rep.constraints)
+
+
+def test_efficientformerv2_head_is_its_pool_not_an_attention_inside_the_stages():
+    model = _meta("efficientformerv2_s0")
+    for shape in ((1, 3, 288, 192), (1, 3, 448, 224), (1, 3, 256, 256)):  # ground truth: fixed
+        assert not _meta_runs(model, shape)
+    with torch.no_grad():  # the map that reaches the head is still 7x7: positions end after the stages
+        assert tuple(model.forward_features(torch.empty(1, 3, 224, 224, device="meta")).shape[2:]) == (7, 7)
+    rep = mixfx.analyze(model, input_shape=(1, 3, 224, 224))
+    assert rep.classification == "fixed", rep.summary
+    assert rep.head is not None and not (rep.head.module or "").startswith("stages"), rep.head
+    assert not any("Mod(" in c or "FloorDiv" in c for c in rep.constraints), rep.constraints

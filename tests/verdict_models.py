@@ -282,6 +282,9 @@ def reach(model: nn.Module, shape: tuple[int, ...]) -> int:
     import copy
 
     model = copy.deepcopy(model).double()
+    for p in model.parameters():  # .double() leaves complex weights (a spectral layer's) as they were
+        if p.is_complex():
+            p.data = p.data.to(torch.complex128)
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
     y = x.clone()

@@ -305,7 +305,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         model's own forward makes at the top level)."""
         wanted = f.op.split(".")[-1]
         found = [n.name for n in self.nodes if n.op in ("call_function", "call_method")
-                 and (module_path(n) or "") == (f.module or "")
+                 and (module_path(n) or "") == (f.module or "") and self._is_tensor(n.name)
                  and _node_target_name(n) in (wanted, wanted.replace("multi_head_attention", "multi_head_attention_forward"))]
         if not found:
             return None

@@ -22,19 +22,17 @@ counts as growing.
 from __future__ import annotations
 
 import contextlib
-import operator
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mixfx.analysis import layout as L
 from mixfx.shape_rules import TENSOR_LIKE
 
-_AXES = ("H", "W")
 
 
 @dataclass
@@ -151,7 +149,7 @@ class _Recorder(TorchFunctionMode):
         same_op = (module, op)
         index = self.counts.get(same_op, 0)
         self.counts[same_op] = index + 1
-        ev = Event(kind, module, op, L.extent(dims), int(__import__("math").prod(L.dim_length(d) for d in dims)),
+        ev = Event(kind, module, op, L.extent(dims), int(math.prod(L.dim_length(d) for d in dims)),
                    key=(*base, n), function=base[3][2], index=index, **kw)
         self.log.events.append(ev)
         self.by_key[ev.key] = ev
@@ -221,12 +219,12 @@ class _Recorder(TorchFunctionMode):
 
     def track_positions(self, op: str, ins: Sequence[Any], outs: Sequence[Any]) -> None:
         self.log.step += 1
+        key = ("call", self.module(), op)  # the how-manyth tensor-valued call of this op in this module
+        index = self.counts.get(key, 0)
+        self.counts[key] = index + 1
         if any(L.is_positional(self.layout(t)) for t in outs):
             self.log.last_positional = self.log.step
         elif any(L.is_positional(self.layout(t)) for t in ins):
-            key = ("end", self.module(), op)
-            index = self.counts.get(key, 0)
-            self.counts[key] = index + 1
             self.log.ends.append((self.log.step, self.module(), op, index))
 
     def default(self, ins: Sequence[Any], outs: Sequence[Any]) -> None:
@@ -311,11 +309,10 @@ def _rule_unsqueeze(r: _Recorder, x, args, kwargs, out, outs):
 
 def _rule_squeeze(r: _Recorder, x, args, kwargs, out, outs):
     lay = r.layout(x)
-    keep = [d for d, s in zip(lay, outs[0].shape)]
     kept = [d for d, s in zip(lay, x.shape) if int(s) != 1]
     if len(kept) == outs[0].dim():
         return [tuple(kept)]
-    return [L.reshape(lay, tuple(x.shape), tuple(outs[0].shape))] if keep is not None else None
+    return [L.reshape(lay, tuple(x.shape), tuple(outs[0].shape))]
 
 
 def _rule_getitem(r: _Recorder, x, args, kwargs, out, outs):

@@ -183,17 +183,17 @@ PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 14, 16, 28, 32, 48, 56, 64, 96, 112, 128, 192
 
 
 def divisibility(model: nn.Module, base: Sequence[int], names: Sequence[str], search_result: SizeSearch,
-                 max_probes: int = 24) -> list[str]:
+                 max_probes: int = 22) -> list[str]:
     """Per spatial dim, the smallest step from a running size `base` that runs again, with the
     other dims kept: the dim's period ("H % 256 == 0"). Used when the symbolic run could not
     finish and its divisibility guards are missing."""
     texts: list[str] = []
     base = tuple(int(s) for s in base)
-    probes = 0
     for i, name in enumerate(names):
+        probes = 0  # per dim
         for p in PERIODS:
             if probes >= max_probes:
-                return texts
+                break
             shape = list(base)
             shape[2 + i] = base[2 + i] + p
             got = search_result.probe_at(shape)
