@@ -13,8 +13,8 @@ from verdict_models import (ContextNet, FNO, GridAttention, LatentCrossAttention
                             far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
-WIDE = (1, 3, 64, 96)  # much wider than any of these models' local receptive fields
-WIDER = (1, 3, 128, 192)
+WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
+WIDER = (1, 3, 48, 64)
 
 
 def _analyse(model, **kw):

@@ -203,10 +203,12 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         return search
 
     def _spatial_sizes(self, running: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """Sizes for the graph runs that decide which node depends on the input size: two that run,
+        """Sizes for the graph runs that decide which node depends on the input size: one that runs,
         plus a much larger one when the example is small (at 8x8 a stride-32 map is 1x1 at every
         nearby size, and would look constant)."""
-        sizes = list(running[:2])
+        # the largest size that ran: one is enough beside the symbolic expressions (a dim is spatial
+        # if it changes there); two cost a graph run more for the same answer
+        sizes = sorted(running, key=lambda s: -sum(s[2:]))[:1]
         spatial = self.example[2:]
         if spatial and min(spatial) < 64:
             k = -(-64 // min(spatial))
