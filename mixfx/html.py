@@ -25,13 +25,16 @@ from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport, NodeInfo
 
 # Worst first: a folded block takes the worst status of the nodes inside it.
-STATUS_ORDER = ("rigid", "guarded", "global_mixing", "head", "unknown", "spatial", "static")
+STATUS_ORDER = ("rigid", "guarded", "resized", "global_mixing", "global_context", "head", "unknown", "spatial",
+                "static")
 STATUS_LABEL = {
     "spatial": "spatially polymorphic",
     "static": "static (no spatial dim)",
     "rigid": "rigid (pins the input size)",
     "guarded": "guarded (explicit size check)",
     "global_mixing": "global mixing",
+    "global_context": "global context (summary broadcast back)",
+    "resized": "resized to a constant size",
     "head": "head",
     "unknown": "unknown",
 }
@@ -42,6 +45,8 @@ STATUS_FILL = {
     "rigid": "#d62728",
     "guarded": "#ff9f1c",
     "global_mixing": "#d4c4ea",
+    "global_context": "#c6e2e9",
+    "resized": "#f4a582",
     "head": "#9ecae1",
     "unknown": "#fff3b0",
 }
@@ -203,7 +208,7 @@ def _node_data(n: NodeInfo, report: AnalysisReport, block: str | None, change: s
     for r in report.rigid_nodes:
         if r.node == n.name:
             d.update(reason=r.reason, condition=r.condition, cure=r.cure, kind=r.kind)
-    for gm in report.global_mixing:
+    for gm in [*report.global_mixing, *report.global_context]:
         if gm.node == n.name and not d.get("reason"):
             d["reason"] = gm.reason
     if change:
@@ -343,12 +348,16 @@ def _header(report: AnalysisReport, title: str | None = None) -> str:
         f'<li><a href="#" class="goto" data-target="{e(r.node)}">{e(r.module or r.node)}</a> '
         f"<span class=\"pill status-{'guarded' if r.kind == 'guarded' else 'rigid'}\">{e(r.kind)}</span> {e(r.reason)}</li>"
         for r in report.rigid_nodes)
+    context = "".join(  # summaries broadcast back onto the map: not mixing, but not tileable
+        f'<li><a href="#" class="goto" data-target="{e(c.node)}">{e(c.module or c.node)}</a> {e(c.op)}: {e(c.reason)}</li>'
+        for c in report.global_context)
     return (f'<section class="summary"><h2>{e(title or report.model)} '
             f'<span class="verdict v-{e(report.classification)}">{e(report.classification)}</span></h2>'
             f'<p class="sentence">{e(report.summary)}</p>'
             f'<div class="constraints"><b>input constraints</b><ul>{cons}</ul></div>'
             f'<table class="facts">{"".join(f"<tr><th>{k}</th><td>{e(v)}</td></tr>" for k, v in rows)}</table>'
             + (f'<div class="rigid-list"><b>where polymorphism breaks</b><ol>{rigid}</ol></div>' if rigid else "")
+            + (f'<div class="rigid-list"><b>global context (not mixing)</b><ul>{context}</ul></div>' if context else "")
             + "</section>")
 
 

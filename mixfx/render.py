@@ -11,7 +11,8 @@ from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport
 
 CLASS_STYLE = {"convolutional": "bold green", "polymorphic": "bold yellow", "fixed": "bold red"}
-STATUS_STYLE = {"rigid": "bold red", "guarded": "red", "global_mixing": "yellow", "head": "bold cyan",
+STATUS_STYLE = {"rigid": "bold red", "guarded": "red", "resized": "red", "global_mixing": "yellow",
+                "global_context": "cyan", "head": "bold cyan",
                 "spatial": "green", "static": "dim", "unknown": "magenta"}
 
 
@@ -32,10 +33,17 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
         info.add_row("field", rf_line.removeprefix("receptive field "))
     info.add_row("constraints", "; ".join(_short_constraint(c) for c in report.constraints) or "none found")
     checks = []
+    fails = [c for c in report.concrete_checks if not (c.ok and not c.failed_asserts)]
     for c in report.concrete_checks:
         size = "x".join(map(str, c.input_shape[2:]))
         mark = "[green]runs[/]" if c.ok and not c.failed_asserts else f"[red]fails at {c.failed_node or ', '.join(c.failed_asserts)}[/]"
+        if len(fails) > 2 and c in fails:  # the size search's many failures: one line (--json has each)
+            mark = "[red]fails[/]"
         checks.append(f"{size} {mark}{'' if c.agrees else ' [bold magenta](disagrees)[/]'}")
+    if len(fails) > 2:
+        checks = [x for x in checks if "fails" not in x][:3] + [
+            f"[red]{len(fails)} other sizes fail[/] ({', '.join('x'.join(map(str, c.input_shape[2:])) for c in fails[:3])}"
+            f", ...; first at {fails[0].failed_module or fails[0].failed_node})"]
     info.add_row("concrete", "; ".join(checks))
     lines.append(info)
     console.print(Panel(Group(*lines), title="mixfx analyze", expand=False))
@@ -59,6 +67,16 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
             shown = ", ".join(_name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
             console.print(Padding(Text.assemble((shown, STATUS_STYLE["global_mixing"]), f"  {op}"), (0, 0, 0, 1),
                                   expand=False), highlight=False)
+            console.print(Padding(Text(reason), (0, 0, 0, 4), expand=False), highlight=False)
+    if report.global_context:  # summaries broadcast back: not mixing, but not tileable
+        console.print(Text("Global context (not mixing: keeps it convolutional, but not tileable)", style="bold"))
+        groups = {}
+        for c in report.global_context:
+            groups.setdefault((c.op, c.reason), []).append(c.module or c.node)
+        for (op, reason), mods in groups.items():
+            shown = ", ".join(_name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
+            console.print(Padding(Text.assemble((shown, "bold"), f"  {op}"), (0, 0, 0, 1), expand=False),
+                          highlight=False)
             console.print(Padding(Text(reason), (0, 0, 0, 4), expand=False), highlight=False)
     for d in report.disagreements:
         console.print(f"[bold magenta]disagreement:[/] {d}")

@@ -121,8 +121,10 @@ class ShapeRules:
     """The rules. With `lazy=True` (the interpreter) outputs are `ShapeOnly`; otherwise (rules
     inside an eager forward, where any code may consume the output) real tensors."""
 
-    def __init__(self, lazy: bool = False) -> None:
+    def __init__(self, lazy: bool = False, share_outputs: bool = True) -> None:
         self.lazy = lazy
+        # equal-shaped outputs share one empty tensor, unless a caller tells tensors apart by identity
+        self.share_outputs = share_outputs
         self._empty: dict[Any, Any] = {}
 
     def empty(self, like: Any, sizes: tuple, dtype: torch.dtype | None = None, strides: tuple | None = None) -> Any:
@@ -133,6 +135,8 @@ class ShapeRules:
             like = like.materialise()
         key = (tuple(_expr(s) for s in sizes), None if strides is None else tuple(_expr(s) for s in strides),
                dtype, like.device)
+        if not self.share_outputs:
+            self._empty.pop(key, None)
         if key not in self._empty:
             self._empty[key] = (like.new_empty(sizes, dtype=dtype) if strides is None
                                 else like.new_empty_strided(sizes, strides, dtype=dtype))
@@ -160,6 +164,10 @@ class ShapeRules:
             if x.dim() < 2 or x.shape[1] != mod.num_channels:
                 raise RuntimeError(f"GroupNorm expects {mod.num_channels} channels, got shape {list(x.shape)}")
             return x
+        if type(mod) in (nn.MaxPool1d, nn.AvgPool1d) and not getattr(mod, "return_indices", False):
+            # the fake kernel of max_pool1d specialises the length (a guard L == example)
+            return self.pool1d(x, mod.kernel_size, mod.stride, mod.padding, getattr(mod, "dilation", 1),
+                               mod.ceil_mode)
         if type(mod) in (nn.MaxPool2d, nn.AvgPool2d) and not getattr(mod, "return_indices", False):
             return self.pool2d(x, mod.kernel_size, mod.stride, mod.padding, getattr(mod, "dilation", 1),
                                mod.ceil_mode)
@@ -193,6 +201,23 @@ class ShapeRules:
             raise RuntimeError(f"Given input size: ({'x'.join(map(str, x.shape[-3:]))}). Calculated output size: "
                                f"({x.shape[-3]}x{oh}x{ow}). Output size is too small")
         return self.empty(x, (*x.shape[:-2], oh, ow))
+
+    def pool1d(self, x: Any, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> Any:
+        """Max/average pooling over the last dim, as `pool2d` does it."""
+        from torch._meta_registrations import pooling_output_shape
+
+        if x.dim() not in (2, 3) or not x.is_floating_point():
+            return NOT_HANDLED
+        one = [_ntuple(v, 1) for v in (kernel, stride if stride else kernel, padding, dilation)]
+        if any(p is None for p in one):
+            return NOT_HANDLED
+        (k,), (st,), (pd,), (dl,) = one
+        n = x.shape[-1]
+        out = pooling_output_shape(n, k, pd, st, dl, ceil_mode)
+        if out < 1:
+            raise RuntimeError(f"Given input size: ({'x'.join(map(str, x.shape[-2:]))}). Calculated output size: "
+                               f"({x.shape[-2]}x{out}). Output size is too small")
+        return self.empty(x, (*x.shape[:-1], out))
 
     def adaptive_pool2d(self, x: Any, output_size: Any) -> Any:
         out = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)

@@ -16,6 +16,7 @@ ResNet-50 run ~3x and a ViT run ~2x cheaper.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -182,12 +183,13 @@ def meta_weights(gm: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def shortcut_forwards(model: nn.Module) -> Iterator[None]:
+def shortcut_forwards(model: nn.Module, *, share_outputs: bool = True) -> Iterator[None]:
     """Give the eager model the interpreter's shortcuts, for a cheap eager run on meta tensors:
     modules `ShapeRules` knows get their shape from it, other built-in leaf modules reuse the
     output of an earlier call with the same configuration and input shape. Installed as instance
-    attributes, removed on exit."""
-    rules = ShapeRules()
+    attributes, removed on exit. `share_outputs=False`: every call gets its own output tensor (no
+    memo, no shared empties), for callers that tell tensors apart by identity."""
+    rules = ShapeRules(share_outputs=share_outputs)
     memo: dict[Any, Any] = {}
     patched: list[nn.Module] = []
 
@@ -202,7 +204,7 @@ def shortcut_forwards(model: nn.Module) -> Iterator[None]:
                 key = None if config is None else (config, value_key(args), value_key(kwargs))
             except Unkeyable:
                 key = None
-            if key is None:
+            if key is None or not share_outputs:
                 return original(*args, **kwargs)
             if key not in memo:
                 memo[key] = original(*args, **kwargs)
@@ -212,7 +214,7 @@ def shortcut_forwards(model: nn.Module) -> Iterator[None]:
     for mod in model.modules():
         if "forward" in vars(mod):
             continue  # already patched by someone: leave it alone
-        config = module_key(mod) if next(mod.children(), None) is None else None
+        config = _leaf_config(mod)
         if config is None and not isinstance(mod, SHAPE_PRESERVING_MODULES):
             continue
         mod.forward = shortcut(mod, config)
@@ -222,6 +224,23 @@ def shortcut_forwards(model: nn.Module) -> Iterator[None]:
     finally:
         for mod in patched:
             del mod.forward
+
+
+_LEAF_CONFIGS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def _leaf_config(mod: nn.Module) -> Any:
+    """`module_key` of a leaf module, computed once per module (a model is run at many sizes)."""
+    try:
+        return _LEAF_CONFIGS[mod]
+    except KeyError:
+        pass
+    config = module_key(mod) if next(mod.children(), None) is None else None
+    try:
+        _LEAF_CONFIGS[mod] = config
+    except TypeError:
+        pass
+    return config
 
 
 def eager_meta_forward(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Any:
@@ -239,9 +258,9 @@ class _FunctionShortcuts(TorchFunctionMode):
     cannot step in): every torch function and Tensor method call a rule handles gets its output
     from the rule."""
 
-    def __init__(self) -> None:
+    def __init__(self, share_outputs: bool = True) -> None:
         super().__init__()
-        self.rules = ShapeRules()
+        self.rules = ShapeRules(share_outputs=share_outputs)
         self.enabled = True
 
     @contextlib.contextmanager
@@ -320,7 +339,8 @@ def _shape_of(value: Any) -> Any:
 
 
 def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, allow_real: bool = True,
-                       example_probe_failures: dict[str, str] | None = None) -> ConcreteRun:
+                       example_probe_failures: dict[str, str] | None = None,
+                       probe_values: bool = True) -> ConcreteRun:
     """Run `gm` on a meta tensor of `input_shape`; never raises for failures inside the graph.
 
     Where a node cannot run on meta tensors (data-dependent control flow in a leaf module, an op
@@ -329,7 +349,7 @@ def propagate_concrete(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
 
     Opaque helper functions are value-probed (see `_MetaInterpreter`). Given the probe failures
     at the example size, a probe that fails here but not there is this run's failure."""
-    run = _propagate(gm, input_shape, real=False)
+    run = _propagate(gm, input_shape, real=False, probe_values=probe_values)
     if example_probe_failures is not None and run.failure is None:
         new = [name for name in run.probe_failures if name not in example_probe_failures]
         if new:
@@ -362,7 +382,8 @@ def meta_tensor_shapes(gm: torch.fx.GraphModule, inputs: list[Any]) -> dict[str,
     return shapes
 
 
-def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool) -> ConcreteRun:
+def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: bool,
+               probe_values: bool = True) -> ConcreteRun:
     run = ConcreteRun(tuple(input_shape))
     shapes = run.shapes
     base = _PropagationInterpreter if real else _MetaInterpreter
@@ -374,7 +395,7 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
             return out
 
     # real values can decide shapes (nonzero, masks): no shortcuts on real tensors
-    interp = _Recorder(gm, fast=False) if real else _Recorder(gm, probe_values=True)
+    interp = _Recorder(gm, fast=False) if real else _Recorder(gm, probe_values=probe_values)
     ctx = contextlib.nullcontext() if real else meta_weights(gm)
     x = torch.randn(input_shape) if real else torch.empty(input_shape, device="meta")
     with ctx, torch.no_grad():

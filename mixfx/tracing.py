@@ -32,13 +32,19 @@ Leaf = str | type
 
 @dataclass
 class TraceResult:
-    """A traced model. `tracer` is "fx" (module-level graph) or "export" (aten-level graph)."""
+    """A traced model. `tracer` is "fx" (module-level graph), "export" (aten-level graph) or
+    "opaque" (the whole model as one node: no tracer got through within its budget)."""
 
     graph_module: torch.fx.GraphModule
     tracer: str
     attempts: list[str] = field(default_factory=list)  # why earlier tracers were not used
     # the graph's clean meta run at the example input, from the eager check: the analysis reuses it
     example_run: Any = None
+    # export only: the guards torch.export added while tracing, as (condition over the input dims
+    # "s2", "s3" ... renamed to dim indices, source location): branches on sizes and specialisations
+    export_guards: list[tuple[str, str]] = field(default_factory=list)
+    # export only: the graph was exported at the example size (dynamic H, W took too long)
+    specialised: bool = False
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -187,14 +193,83 @@ def _modules_defined_at(model: nn.Module, filename: str, lineno: int) -> list[tu
     return out
 
 
-def export_trace(model: nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
-    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd)."""
+class _GuardLog:
+    """Collects the guards torch's ShapeEnv logs while torch.export traces (`eval <expr> [guard
+    added] (<file:line> in <fn>)`), with the symbols renamed `d2`, `d3` ... after the input dim
+    they stand for. Read from the log record's arguments, not its text; only for explanations:
+    where a branch on a size or a specialisation happened."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.symbols: dict[str, int] = {}
+        self.guards: list[tuple[str, str]] = []
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    outer.read(record)
+                except Exception:  # noqa: BLE001 - an explanation, never a failure
+                    pass
+
+        self.handler = Handler(level=logging.INFO)
+        self.logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+
+    def read(self, record: Any) -> None:
+        msg, args = str(record.msg), record.args or ()
+        if msg.startswith("create_symbol") and len(args) >= 3:
+            m = re.search(r"size\(\)\[(\d+)\]", str(args[2]))
+            if m:
+                self.symbols[str(args[0])] = int(m.group(1))
+        elif "[guard added]" in msg and len(args) >= 3:
+            expr = str(args[1])
+            for sym, dim in self.symbols.items():
+                expr = re.sub(rf"\b{sym}\b", f"d{dim}", expr)
+            if re.search(r"\bs\d+\b", expr):
+                return  # a symbol that is not an input dim (a data-dependent size)
+            self.guards.append((expr, str(args[2]).strip().strip("()")))
+
+    def __enter__(self) -> "_GuardLog":
+        import logging
+
+        self.level = self.logger.level
+        # torch's own handlers on this logger keep printing only what they printed before
+        self.others = [(h, h.level) for h in self.logger.handlers]
+        for h, _ in self.others:
+            h.setLevel(max(h.level, self.logger.getEffectiveLevel()))
+        self.logger.addHandler(self.handler)
+        if not self.logger.isEnabledFor(logging.INFO):
+            self.logger.setLevel(logging.INFO)
+        self.propagate = self.logger.propagate
+        self.logger.propagate = False  # collected here, not printed
+        self.disabled = self.logger.disabled
+        self.logger.disabled = False  # quiet_torch disables torch's loggers: this one is read, not printed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        for h, level in self.others:
+            h.setLevel(level)
+        self.logger.propagate = self.propagate
+        self.logger.disabled = self.disabled
+
+
+def export_trace(model: nn.Module, example_input: torch.Tensor,
+                 guards: list[tuple[str, str]] | None = None, *, dynamic: bool = True) -> torch.fx.GraphModule:
+    """Non-strict `torch.export` with automatic dynamic spatial dims (every dim after the 2nd), or
+    static ones (`dynamic=False`). `guards`, if given, receives the guards export added (see
+    `_GuardLog`)."""
     from torch.export import Dim
 
-    dims = {d: Dim.AUTO for d in range(2, example_input.dim())}
+    dims = {d: Dim.AUTO for d in range(2, example_input.dim())} if dynamic else None
     try:
-        with quiet_torch():
-            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,), strict=False)
+        with quiet_torch(), _GuardLog() as log:
+            program = torch.export.export(model, (example_input,), dynamic_shapes=(dims,) if dims else None,
+                                          strict=False)
+        if guards is not None:
+            guards.extend(log.guards)
     except Exception as exc:  # noqa: BLE001
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TraceError(
@@ -271,18 +346,22 @@ def trace(
     autowrap: Sequence[Callable] = (),
     allow_export: bool = True,
     check: bool = True,
+    export_budget_s: float | None = None,
 ) -> TraceResult:
     """Trace `model` with torch.fx, falling back to non-strict torch.export (needs `example_input`).
 
     `check=True` runs the fx graph against the eager model once (fake tensors) and falls back
-    when they disagree."""
+    when they disagree. `export_budget_s` caps the dynamic-shape export in CPU-seconds (windowed
+    models build size expressions sympy takes minutes over): past it the model is exported at the
+    example size (`TraceResult.specialised`), and says so."""
     with progress.step("tracing"):
         return _trace_with_fallbacks(model, example_input, leaves=leaves, autowrap=autowrap,
-                                     allow_export=allow_export, check=check)
+                                     allow_export=allow_export, check=check, export_budget_s=export_budget_s)
 
 
 def _trace_with_fallbacks(model: nn.Module, example_input: torch.Tensor | None, *, leaves: Sequence[Leaf],
-                          autowrap: Sequence[Callable], allow_export: bool, check: bool) -> TraceResult:
+                          autowrap: Sequence[Callable], allow_export: bool, check: bool,
+                          export_budget_s: float | None) -> TraceResult:
     attempts: list[str] = []
     fx_error: TraceError | None = None
     optional = _optional_arguments(model)
@@ -312,14 +391,55 @@ def _trace_with_fallbacks(model: nn.Module, example_input: torch.Tensor | None, 
     if example_input.is_meta and not any(p.is_meta for p in model.parameters()):
         example_input = torch.zeros(example_input.shape, dtype=example_input.dtype)  # export runs the model
     progress.stage("tracing with torch.export (torch.fx could not)")
+    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+
+    guards: list[tuple[str, str]] = []
+    specialised = False
     try:
-        gm = export_trace(model, example_input)
+        try:
+            # an interrupted trace can leave SymInts in the model's caches (Swin's attention masks):
+            # under a budget it traces a copy (parameters shared, so no weight memory is copied)
+            subject = _shallow_copy(model) if export_budget_s else model
+            with time_budget(export_budget_s):
+                gm = export_trace(subject, example_input, guards)
+        except SymbolicBudgetExceeded:
+            guards.clear()
+            attempts.append(f"torch.export with dynamic H, W: over its {export_budget_s:g} CPU-second budget; the "
+                            "model is analysed as one opaque module (its ops are still judged one by one on the "
+                            "eager forward; which sizes run comes from eager runs)")
+            return TraceResult(_opaque_graph(model), "opaque", attempts, specialised=True)
     except TraceError as exc:
         if fx_error is not None:
             raise TraceError(fx_error.message + f" The torch.export fallback failed too ({exc.message.rstrip('.')}).",
                              fx_error.hint) from exc
         raise
-    return TraceResult(gm, "export", attempts)
+    return TraceResult(gm, "export", attempts, export_guards=guards, specialised=specialised)
+
+
+class _Whole(nn.Module):
+    """The model as one leaf of a one-node graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def _opaque_graph(model: nn.Module) -> torch.fx.GraphModule:
+    """placeholder -> call_module `model` -> output: for a model no tracer gets through in time."""
+    root = _Whole(model)
+    return torch.fx.GraphModule(root, MixfxTracer(leaves=(type(model),), use_timm=False).trace(root), "Opaque")
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original tensors: state a
+    trace writes into the copy's attributes does not reach the original."""
+    import copy
+
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
 
 
 def _optional_arguments(model: nn.Module) -> dict[str, None]:

@@ -16,10 +16,11 @@ EXPECTED = {
     "convnext_block": ("convolutional", False, [], "mean", None),
     "swin_windowed": ("convolutional", False, [], "mean", ["(H//4) % 7 == 0", "(W//4) % 7 == 0"]),
     "vit_interp_pos": ("polymorphic", False, [], "mean", ["H >= 16", "W >= 16"]),
-    "mlp_mixer": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["H >= 16", "W >= 16"]),
-    "mlp_mixer_conv1x1": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["H >= 16", "W >= 16"]),
-    "mixer_reshape_patchify": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["H % 16 == 0", "W % 16 == 0"]),
-    "vit_fixed_pos": ("fixed", False, ["pos_embed"], "getitem_13", ["H >= 16", "W >= 16"]),
+    # a fixed model's constraint is its pin (issue 13: nothing beside it that it implies or contradicts)
+    "mlp_mixer": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["(H//16)*(W//16) == 196"]),
+    "mlp_mixer_conv1x1": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["(H//16)*(W//16) == 196"]),
+    "mixer_reshape_patchify": ("fixed", False, ["blocks.0.mlp_tokens.fc1"], "mean", ["(H//16)*(W//16) == 196"]),
+    "vit_fixed_pos": ("fixed", False, ["pos_embed"], "getitem_13", ["(H//16)*(W//16) + 1 == 197"]),
 }
 
 

