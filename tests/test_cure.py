@@ -204,6 +204,7 @@ class ShiftedWindowNet(nn.Module):
     def forward(self, x):
         if not self.dynamic:  # as timm's PatchEmbed (without it the model runs, wrongly, at 64x64)
             torch._assert(x.shape[2] == 32, "expects 32x32")
+            torch._assert(x.shape[3] == 32, "expects 32x32")
         m = self.proj(x).permute(0, 2, 3, 1)
         B, H, W, C = m.shape
         ws, n = self.ws, self.ws * self.ws
@@ -250,7 +251,8 @@ class CheckedCNN(nn.Module):
 
     def forward(self, x):
         if not self.dynamic:
-            torch._assert(x.shape[2] == 32, "expects 32x32 inputs")
+            torch._assert(x.shape[2] == 32, "expects 32x32 inputs")  # both dims, as timm's PatchEmbed
+            torch._assert(x.shape[3] == 32, "expects 32x32 inputs")
         return self.head(torch.relu(self.conv(x)).amax((2, 3)))
 
 

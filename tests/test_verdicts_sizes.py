@@ -2,6 +2,7 @@
 eager model at other sizes and the shapes its modules produce there, never the analyser."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +99,27 @@ def test_other_sizes_are_distinct():
     shapes = [tuple(c.input_shape) for c in r.concrete_checks]
     assert len(shapes) == len(set(shapes))
     assert all(s[2] != s[3] for s in shapes[1:])  # H != W
+
+
+class _HeightChecked(nn.Module):
+    """A CNN behind a check of the height only: W stays free."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] == 32, "expects height 32")
+        return self.head(torch.relu(self.conv(x)).amax((2, 3)))
+
+
+def test_a_pin_on_one_dim_is_a_constraint_not_fixed():
+    model = _HeightChecked().eval()
+    with torch.no_grad():  # ground truth: eager runs
+        model(torch.randn(1, 3, 32, 72))
+        with pytest.raises(Exception):
+            model(torch.randn(1, 3, 48, 32))
+    report = mixfx.analyze(model, torch.randn(1, 3, 32, 32))
+    assert report.classification != "fixed"
+    assert "H == 32" in report.constraints

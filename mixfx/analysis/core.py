@@ -61,6 +61,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.probes: dict[tuple[int, ...], size_search.Probe] = {}
         self.example_log: locality.OpLog | None = None
         self.specialised = False  # the graph was exported at the example size only
+        self.pinned_constraints: list[str] = []  # pins of some dims only, where the others vary
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
@@ -155,6 +156,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         fixed = bool(rigid)
         kept, dropped_constraints = self._final_constraints(constraints, rigid, search)
+        kept = list(dict.fromkeys(self.pinned_constraints + kept))
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
         if fixed:
@@ -231,6 +233,14 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         if rigid and running:
             size = "x".join(map(str, running[0][2:]))
             for r in rigid:
+                dims = [i for i, name in enumerate(self.dim_names) if re.search(rf"\b{name}\b", r.condition)]
+                if dims and all(s[2 + i] == self.example[2 + i] for s in running for i in dims):
+                    # a pin on some dims only (`H == 32`): the others vary, so the model is not fixed,
+                    # but every size that runs keeps the pinned dims: a real input constraint
+                    self.pinned_constraints.append(r.condition)
+                    self.notes.append(f"`{r.module or r.node}` pins {r.condition}; the eager model runs at {size} "
+                                      "and other sizes that keep it: not fixed, but constrained.")
+                    continue
                 self.notes.append(f"`{r.node}` ({r.module}) branches on {r.condition} at the example size, but the "
                                   f"eager model runs at {size}: a branch taken there (or a specialisation), not rigid.")
             return checks, disagreements, []
@@ -238,9 +248,9 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             fails = [p for p in search.probes if not p.ok]
             first = fails[0]
             sizes = ", ".join("x".join(map(str, p.input_shape[2:])) for p in fails[:4])
-            where = first.module or "?"
-            node = self._node_of(first.module) or where
-            rigid = [RigidNode(node, first.module, "?", "structural",
+            node, module, op = self._failing_node(first)
+            where = module or node or "?"
+            rigid = [RigidNode(node or where, module, op, "structural",
                                f"the model runs at no other size tried ({sizes}{', ...' if len(fails) > 4 else ''}); "
                                f"first failure at `{where}`: {first.error}", "the example size only", None,
                                source="concrete")]
@@ -268,6 +278,21 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             if second.error is not None:
                 second = None
         return locality.judge(first, second, self.dim_names or ["H", "W"])
+
+    def _failing_node(self, probe: Any) -> tuple[str | None, str | None, str]:
+        """(node, module, op) where the eager run at a probe's size fails. A failure in the root's
+        own forward (a `view(-1, 400)` before the classifier) has no module: the traced graph,
+        run at that size on meta tensors, names the node."""
+        if probe.module:
+            node = self._node_of(probe.module)
+            n = self.by_name.get(node) if node else None
+            return node, probe.module, op_name(n, self.gm) if n is not None else "?"
+        run = propagate_concrete(self.gm, tuple(probe.input_shape), allow_real=False,
+                                 example_probe_failures=self.base_probe_failures)
+        n = self.by_name.get(run.failure.node) if run.failure is not None else None
+        if n is None:
+            return None, None, "?"
+        return n.name, module_path(n), op_name(n, self.gm)
 
     def _node_of(self, module: str | None) -> str | None:
         """The fx node that runs `module` (or the deepest module above it that the graph has)."""
