@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PINS)
-	$(PIP) install -q -e '.[test,timm]'
+	$(PIP) install -q -e '.[test,timm,onnx]'
 	$(PIP) install -q playwright
 	-command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium chromium-driver >/dev/null; } || true
 	touch $(STAMP)

@@ -5,6 +5,8 @@ Public API (documented in README.md):
 - `mixfx.trace(model, example_input=None, *, leaves=()) -> TraceResult`
 - `mixfx.rewrite(model, to="conv", example_input=None, passes=None) -> RewriteResult`
 - `mixfx.load_model(spec, ...) -> LoadedModel` (the CLI's model specs)
+- `mixfx.export(model, example_input, path, *, to=None) -> ExportResult` (verified ONNX / .pt2)
+- `mixfx.dynamic_shapes(model, example_input) -> dict` (for torch.export.export)
 """
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ except ModuleNotFoundError as exc:  # pragma: no cover - only while the rewrite 
     if exc.name != "mixfx.rewrite":
         raise
 
+# the function after the submodule: `mixfx.export` is the function, not the module
+from mixfx.export import ExportResult, export  # noqa: E402
+from mixfx.export_shapes import ExportShapes, dynamic_shapes  # noqa: E402
+
 __version__ = "0.1.0"
-__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError"]
+__all__ = ["analyze", "trace", "rewrite", "load_model", "AnalysisReport", "TraceResult", "LoadedModel", "MixfxError",
+           "export", "dynamic_shapes", "ExportResult", "ExportShapes"]
 
 

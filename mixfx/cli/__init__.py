@@ -5,6 +5,7 @@ from mixfx.cli.app import app
 
 # Importing the command modules registers their commands on `app`.
 from mixfx.cli import analyze as _analyze  # noqa: F401,E402
+from mixfx.cli import export as _export  # noqa: F401,E402
 
 import importlib  # noqa: E402
 
