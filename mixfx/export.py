@@ -100,6 +100,7 @@ def export(
     leaves: Sequence = (),
     input_path: str | os.PathLike | None = None,
     rtol: float = RTOL,
+    shapes: ExportShapes | None = None,
 ) -> ExportResult:
     """Export `model` to `path` (`.onnx` or `.pt2`) with dynamic spatial dims, verified.
 
@@ -109,7 +110,8 @@ def export(
     two other sizes meeting the constraints, compared with eager (max abs error <= rtol * max
     |output|). Raises `UsageError` (bad suffix), `MissingDependencyError` (no onnx packages),
     `ExportError` (torch refused), `ExportVerificationError` (mismatch: nothing written) and
-    `OutputError` (destination not writable, or it is `input_path`)."""
+    `OutputError` (destination not writable, or it is `input_path`). `shapes`: a spec from an
+    earlier export of the same model (`result.shapes`) skips the analysis."""
     target = Path(path).expanduser().absolute()
     fmt = FORMATS.get(target.suffix.lower())
     if fmt is None:
@@ -132,7 +134,8 @@ def export(
             model = rewritten.module.eval()
             timings["rewrite_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        shapes = derive_export_shapes(model, example_input, leaves=leaves)
+        if shapes is None:
+            shapes = derive_export_shapes(model, example_input, leaves=leaves)
         timings["analysis_s"] = time.perf_counter() - t0
         result = ExportResult(str(target), fmt, shapes, rewrite=rewritten, notes=list(shapes.notes))
         if shapes.pinned_by is not None:

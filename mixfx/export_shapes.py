@@ -14,6 +14,7 @@ A `fixed` model exports static; `ExportShapes.pinned_by` names the node that pin
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -22,7 +23,7 @@ import sympy
 import torch
 from torch import nn
 
-from mixfx.formulas import free_input_symbols, predicate
+from mixfx.formulas import _PRINTER, free_input_symbols, predicate
 from mixfx.report import AnalysisReport
 from mixfx.shapes import flatten_outputs, propagate_symbolic
 
@@ -191,7 +192,7 @@ def forward_arg_name(model: nn.Module) -> str:
     return params[0].name if params else "x"
 
 
-def _requirements(run, symbols: Mapping[str, sympy.Symbol]) -> list:
+def _requirements(run, symbols: Mapping[str, sympy.Symbol], notes: list[str] | None = None) -> list:
     """Every relation on the input sizes the export must keep true: the guards and size checks
     of the symbolic run (but `!=`), and `size >= 2` for each intermediate size that varies with the input
     and is >= 2 at the example (torch.export specialises sizes 0 and 1; a size that *is* 1 at
@@ -208,7 +209,8 @@ def _requirements(run, symbols: Mapping[str, sympy.Symbol]) -> list:
             exprs.setdefault(str(cond), cond)
     allowed = set(symbols.values())
     sizes: dict[str, Any] = {}
-    for value in run.values.values():
+    where: dict[str, str] = {}
+    for node, value in run.values.items():
         for t in flatten_outputs(value):
             for d in t.shape:
                 expr = d.node.expr if isinstance(d, torch.SymInt) else None
@@ -217,32 +219,57 @@ def _requirements(run, symbols: Mapping[str, sympy.Symbol]) -> list:
                 if not expr.free_symbols <= allowed:
                     continue
                 sizes.setdefault(str(expr), expr)
+                where.setdefault(str(expr), node)
     known = getattr(run.shape_env, "backed_var_to_val", None) or run.shape_env.var_to_val
-    example = {s: known.get(s) for s in allowed}
+    example = {name: int(known[sym]) for name, sym in symbols.items() if sym in known}
     for expr in sizes.values():
-        try:
-            at_example = int(expr.xreplace(example))
-        except (TypeError, ValueError):
+        at_example = _value(expr, symbols, example)
+        if at_example is None:
             continue
-        rel = sympy.Ge(expr, 2) if at_example >= 2 else sympy.Eq(expr, at_example)
-        if rel is sympy.true or rel is sympy.false:
-            continue
+        # unevaluated: sympy's automatic simplification of windowed models' sizes takes seconds
+        rel = sympy.Ge(expr, 2, evaluate=False) if at_example >= 2 else sympy.Eq(expr, at_example, evaluate=False)
+        if at_example < 2 and notes is not None and not any("which torch.export specialises" in n.replace("\n", " ") for n in notes):
+            notes.append(f"`{where[str(expr)]}` has a size of {at_example} at the example input, which torch.export specialises: "
+                         "the export only accepts sizes that keep it there; export at a larger --input "
+                         "for a wider range")
         exprs.setdefault(str(rel), rel)
     return list(exprs.values())
 
 
-def _window(example: int) -> int:
-    return max(3 * example, example + 192)
+def _value(expr, symbols: Mapping[str, sympy.Symbol], sizes: Mapping[str, int]) -> int | None:
+    """A size expression's value at `sizes`, through the same printed-Python route as
+    `formulas.predicate` (sympy substitution is slow on long floor-division chains)."""
+    src = _PRINTER.doprint(expr)
+    for name, sym in sorted(symbols.items(), key=lambda kv: -len(str(kv[1]))):
+        src = src.replace(str(sym), f"__{name}")
+    try:
+        return int(eval(src, {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil},  # noqa: S307
+                        {f"__{n}": v for n, v in sizes.items()}))
+    except Exception:  # noqa: BLE001 - an expression we cannot evaluate adds no requirement
+        return None
 
 
-def _fit(name: str, axis: int, example: int, accepted: list[bool]) -> SpatialDim:
+WINDOWS = (lambda e: e + 192, lambda e: max(3 * e, e + 192))  # the wider one for long periods (HaloNet: 256)
+
+
+def _fit(name: str, axis: int, example: int, accepted: list[bool], *, bounded: bool = True) -> SpatialDim | None:
     """The smallest modulus whose residue class through the example has a run of at least
-    MIN_POINTS accepted sizes containing it; the run's ends give the range. `accepted[x - 1]`
-    says whether size x is accepted."""
+    MIN_POINTS accepted sizes containing it and reaching the window's end (unbounded); with
+    `bounded`, failing that, the smallest with a bounded run. The run's ends give the range.
+    `accepted[x - 1]` says whether size x is accepted; None: no fit."""
     n = len(accepted)
     if not accepted[example - 1]:
         return SpatialDim(name, axis, example, static=True,
                           why=f"the example size {example} does not meet the model's own guards")
+    for passes in ((False, True) if bounded else (False,)):
+        fit = _fit_pass(name, axis, example, accepted, allow_bounded=passes)
+        if fit is not None:
+            return fit
+    return None
+
+
+def _fit_pass(name: str, axis: int, example: int, accepted: list[bool], *, allow_bounded: bool) -> SpatialDim | None:
+    n = len(accepted)
     for m in range(1, n // MIN_POINTS + 1):
         r = example % m
         members = list(range(r if r else m, n + 1, m))
@@ -253,7 +280,7 @@ def _fit(name: str, axis: int, example: int, accepted: list[bool]) -> SpatialDim
         hi = i
         while hi + 1 < len(members) and accepted[members[hi + 1] - 1]:
             hi += 1
-        if hi - lo + 1 < MIN_POINTS:
+        if hi - lo + 1 < MIN_POINTS or (not allow_bounded and hi != len(members) - 1):
             continue
         k_min = (members[lo] - r) // m
         k_max = None if hi == len(members) - 1 else (members[hi] - r) // m
@@ -266,8 +293,7 @@ def _fit(name: str, axis: int, example: int, accepted: list[bool]) -> SpatialDim
             parts.append(f"{name} <= {d.max_size}")
         d.why = ", ".join(parts)
         return d
-    return SpatialDim(name, axis, example, static=True,
-                      why=f"no regular set of sizes around {example} meets the model's guards")
+    return None
 
 
 def derive_export_shapes(
@@ -304,13 +330,26 @@ def derive_export_shapes(
                           "after it are left to torch.export")
     symbols = run.symbols
     preds: list[tuple[Callable[..., bool], set[str]]] = [
-        (predicate(e, symbols), free_input_symbols(e, symbols)) for e in _requirements(run, symbols)]
+        (predicate(e, symbols), free_input_symbols(e, symbols)) for e in _requirements(run, symbols, spec.notes)]
     example = {name: shape[2 + i] for i, name in enumerate(symbols)}
     for i, name in enumerate(symbols):
         mine = [p for p, used in preds if name in used]
-        n = _window(example[name])
-        accepted = [all(p(**{**example, name: x}) for p in mine) for x in range(1, n + 1)]
-        spec.dims.append(_fit(name, 2 + i, example[name], accepted))
+        memo: dict[int, bool] = {}
+
+        def ok(x: int) -> bool:
+            if x not in memo:
+                memo[x] = all(p(**{**example, name: x}) for p in mine)
+            return memo[x]
+
+        fit = None
+        for k, window in enumerate(WINDOWS):
+            n = window(example[name])
+            last = k == len(WINDOWS) - 1
+            fit = _fit(name, 2 + i, example[name], [ok(x) for x in range(1, n + 1)], bounded=last)
+            if fit is not None:
+                break
+        spec.dims.append(fit or SpatialDim(name, 2 + i, example[name], static=True,
+                                           why=f"no regular set of sizes around {example[name]} meets the guards"))
     if not spec.static:
         _check_jointly(spec, preds)
     return spec
