@@ -1,13 +1,13 @@
 """Export bench (issue 18): mixfx export vs torch.export with Dim.AUTO, in the same run.
 
-    python bench/export.py                      # the default sample (see SAMPLE_SIZE)
+    python bench/export.py                      # the default sample (24 models)
     python bench/export.py --models resnet50,vit_tiny_patch16_224 --timeout 300
 
 The models: the zoo's (bench/results/zoo.csv) convolutional and polymorphic timm models up to
 --max-params million parameters, a family sample (one model per family), --limit of them
-spread evenly over the parameter counts. Random weights (timm zero-initialised parameters get small random values, so a wrong
-export shows numerically). Example input: the model's default size. Per model, in a forked
-child with a timeout:
+spread evenly over the parameter counts. Random weights (timm zero-initialised parameters get
+small random values, so a wrong export shows numerically). Example input: the model's default
+size. Per model, in a forked child with a timeout:
 - Dim.AUTO: `torch.export.export(model, (x,), dynamic_shapes={x: {2: AUTO, 3: AUTO}})`, then
   the program runs at the two other sizes mixfx verifies at (H != W) and is compared with eager
   (max abs err <= 1e-4 * max|out|): "runs" only if both match;

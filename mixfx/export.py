@@ -81,7 +81,8 @@ class ExportResult:
             "verified": self.verified,
             "dynamic_shapes": self.dynamic_shapes_used,
             "shapes": self.shapes.to_dict(),
-            "checks": [vars(c) for c in self.checks],
+            "checks": [{k: (None if isinstance(v, float) and v != v else v) for k, v in vars(c).items()}
+                       for c in self.checks],  # NaN (no comparison: the file did not run) -> null
             "rewrite": None if self.rewrite is None else {"target": self.rewrite.target,
                                                           "changes": len(self.rewrite.changes)},
             "notes": list(self.notes),
@@ -221,7 +222,8 @@ def _is_constraint_violation(exc: BaseException) -> bool:
 def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, result: ExportResult):
     """torch.export with mixfx's spec. A spec torch refuses is refined with torch's own
     suggested fixes (`refine_dynamic_shapes_from_suggested_fixes`) when it gives some; failing
-    that, the dims are exported as `Dim.AUTO` and the verification at other sizes decides."""
+    that (or when torch fails inside its constraint solver), the dims are exported as
+    `Dim.AUTO` and the verification at other sizes decides."""
     from torch.export import Dim
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
@@ -232,10 +234,12 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
         try:
             return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds; sorted out below
-            if not _is_constraint_violation(exc) or shapes.static:
+            if shapes.static:
                 raise ExportError(f"torch.export could not export the model: {_first_line(exc)}",
                                   "Run with --debug for the full trace.") from exc
             first_error = first_error or exc
+            if not _is_constraint_violation(exc):
+                break
             try:
                 dynamic = refine_dynamic_shapes_from_suggested_fixes(str(exc), dynamic)
             except Exception:  # noqa: BLE001 - no suggested fixes in the message
@@ -244,12 +248,12 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
             result.notes.append("torch.export refined mixfx's dynamic shapes with its suggested fixes")
     auto = {shapes.arg_name: {d.axis: Dim.AUTO for d in shapes.dims}}
     result.dynamic_shapes_used = "auto (fallback)"
-    result.notes.append(f"torch.export refused mixfx's dynamic shapes ({_first_line(first_error)}); "
-                        "exported with Dim.AUTO, checked at the other sizes below")
+    result.notes.append(f"torch.export failed on mixfx's dynamic shapes ({_first_line(first_error)}); "
+                        "exported with Dim.AUTO instead, checked at the other sizes")
     try:
         return torch.export.export(model, (x,), dynamic_shapes=auto, strict=False)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"torch.export could not export the model: {_first_line(exc)}",
+        raise ExportError(f"torch.export could not export the model: {_first_line(first_error)}",
                           "Run with --debug for the full trace.") from exc
 
 
