@@ -159,7 +159,7 @@ def _child(conn, name, opts):
         conn.close()
 
 
-def run_all(names: list[str], meta: dict[str, dict], opts: dict) -> list[dict]:
+def run_all(names: list[str], meta: dict[str, dict], opts: dict, out: Path | None = None) -> list[dict]:
     ctx = mp.get_context("fork")
     rows = []
     for i, name in enumerate(names, 1):
@@ -183,7 +183,11 @@ def run_all(names: list[str], meta: dict[str, dict], opts: dict) -> list[dict]:
         rows.append(row)
         print(f"[{i}/{len(names)}] {name}: auto {'ok' if row.get('auto_runs') else 'no'}, "
               f"onnx {'ok' if row.get('onnx_verified') else 'no'}, pt2 {'ok' if row.get('pt2_verified') else 'no'}, "
-              f"{row['total_s']} s", flush=True)
+              f"{row['total_s']} s" + (f" [{_cause(row)}]" if _cause(row) else "")
+              + ("" if row.get("auto_runs") else f" [AUTO: {row.get('auto_error', row.get('crash', '?'))}]"),
+              flush=True)
+        if out is not None:  # after every model: an interrupted run keeps what it measured
+            out.write_text(json.dumps({"summary": summarise(rows), "rows": rows}, indent=2, default=str))
     return rows
 
 
@@ -269,7 +273,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
-    rows = run_all(names, meta, {"timeout": args.timeout})
+    rows = run_all(names, meta, {"timeout": args.timeout}, Path(args.out))
     summary = summarise(rows)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     print_table(rows, summary)

@@ -5,7 +5,7 @@ range, and it specialises any size that could be 0 or 1. The analysis's constrai
 sizes the *model* accepts; an export must also keep every intermediate size that varies with the
 input at >= 2 and meet every guard torch's fake kernels raise. So the domain is re-derived here
 from structured data rather than from display strings: the guards and size checks of a symbolic
-run (sympy expressions, compiled with `formulas.predicate`) plus `size >= 2` for every varying
+run (sympy expressions, compiled to Python as `formulas.predicate` does) plus `size >= 2` for every varying
 intermediate size, evaluated on a window of sizes per dim. The accepted sizes are then fitted
 to `modulus*k + residue` with `k` in a range: a derived `Dim` torch.export understands.
 
@@ -23,10 +23,13 @@ import sympy
 import torch
 from torch import nn
 
-from mixfx.formulas import _PRINTER, free_input_symbols, predicate
+from torch.utils._sympy.printers import PythonPrinter
+
+from mixfx.formulas import free_input_symbols
 from mixfx.report import AnalysisReport
 from mixfx.shapes import flatten_outputs, propagate_symbolic
 
+_PRINTER = PythonPrinter()  # the printer formulas.predicate compiles guards with
 MIN_POINTS = 3  # a fitted dim must accept the example and at least two other sizes in the window
 SYMBOLIC_BUDGET_S = 60.0
 
@@ -65,6 +68,8 @@ class SpatialDim:
         if self.static:
             return self.example
         k = max(self.k_min, round((target - self.residue) / self.modulus))
+        if self.k_max is not None:  # a bounded range: the target may lie beyond it
+            k = min(k, self.k_max)
         candidates = sorted({max(self.k_min, k + d) for d in range(-4, 5)}, key=lambda j: abs(
             self.modulus * j + self.residue - target))
         for j in candidates:
@@ -236,17 +241,38 @@ def _requirements(run, symbols: Mapping[str, sympy.Symbol], notes: list[str] | N
     return list(exprs.values())
 
 
-def _value(expr, symbols: Mapping[str, sympy.Symbol], sizes: Mapping[str, int]) -> int | None:
-    """A size expression's value at `sizes`, through the same printed-Python route as
-    `formulas.predicate` (sympy substitution is slow on long floor-division chains)."""
+_ENV = {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil, "math": math}
+
+
+def _compile(expr, symbols: Mapping[str, sympy.Symbol]):
+    """A guard or size expression as compiled Python over `__H`, `__W`: the route
+    `formulas.predicate` takes, with `math` in scope (torch prints `math.ceil(...)` in some
+    guards, mobilevit's, which `formulas.predicate` reads as False)."""
     src = _PRINTER.doprint(expr)
     for name, sym in sorted(symbols.items(), key=lambda kv: -len(str(kv[1]))):
         src = src.replace(str(sym), f"__{name}")
+    return compile(src, "<size>", "eval")
+
+
+def _value(expr, symbols: Mapping[str, sympy.Symbol], sizes: Mapping[str, int]) -> int | None:
+    """A size expression's value at `sizes` (sympy substitution is slow on long floor-division
+    chains)."""
     try:
-        return int(eval(src, {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil},  # noqa: S307
-                        {f"__{n}": v for n, v in sizes.items()}))
+        return int(eval(_compile(expr, symbols), _ENV, {f"__{n}": v for n, v in sizes.items()}))  # noqa: S307
     except Exception:  # noqa: BLE001 - an expression we cannot evaluate adds no requirement
         return None
+
+
+def _predicate(expr, symbols: Mapping[str, sympy.Symbol]) -> Callable[..., bool]:
+    code = _compile(expr, symbols)
+
+    def holds(**sizes: int) -> bool:
+        try:
+            return bool(eval(code, _ENV, {f"__{n}": v for n, v in sizes.items()}))  # noqa: S307
+        except (ZeroDivisionError, ValueError, TypeError, NameError, OverflowError):
+            return False
+
+    return holds
 
 
 WINDOWS = (lambda e: e + 192, lambda e: max(3 * e, e + 192))  # the wider one for long periods (HaloNet: 256)
@@ -330,8 +356,14 @@ def derive_export_shapes(
                           "after it are left to torch.export")
     symbols = run.symbols
     preds: list[tuple[Callable[..., bool], set[str]]] = [
-        (predicate(e, symbols), free_input_symbols(e, symbols)) for e in _requirements(run, symbols, spec.notes)]
+        (_predicate(e, symbols), free_input_symbols(e, symbols)) for e in _requirements(run, symbols, spec.notes)]
     example = {name: shape[2 + i] for i, name in enumerate(symbols)}
+    # every recorded guard holds at the example by construction: one that reads False there is
+    # one the printed-Python route cannot evaluate (mobilevit's), and says nothing
+    unreadable = [p for p, _ in preds if not p(**example)]
+    if unreadable:
+        preds = [(p, used) for p, used in preds if p(**example)]
+        spec.notes.append(f"{len(unreadable)} guard(s) could not be evaluated and were left to torch.export")
     for i, name in enumerate(symbols):
         mine = [p for p, used in preds if name in used]
         memo: dict[int, bool] = {}
