@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PINS)
-	$(PIP) install -q -e '.[test,timm]'
+	$(PIP) install -q -e '.[test,timm,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,7 @@ import sys
 from mixfx.cli.app import EXIT_BROKEN_PIPE, silence_stdout, app
 
 # Importing the command modules registers their commands on `app`.
-COMMAND_MODULES = ("mixfx.cli.analyze", "mixfx.cli.rewrite")
+COMMAND_MODULES = ("mixfx.cli.analyze", "mixfx.cli.rewrite", "mixfx.cli.export")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name)
