@@ -114,7 +114,7 @@ def predicate(expr, symbols: Mapping[str, sympy.Symbol]) -> Callable[..., bool]:
     for name, sym in symbols.items():
         src = src.replace(str(sym), f"__{name}")
     code = compile(src, "<guard>", "eval")
-    env = {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil}
+    env = {"max": max, "min": min, "floor": math.floor, "ceil": math.ceil, "math": math}  # printers spell math.ceil
 
     def f(**sizes: int) -> bool:
         scope = {f"__{n}": sizes[n] for n in names}

@@ -74,3 +74,15 @@ def test_a_period_longer_than_the_window_is_read_as_a_period_not_a_pin():
     assert summarise_domain([guard], SYM, {"H": 256, "W": 256}) == ["H % 256 in {0, 253, 254, 255}"]
     [m] = characterise(guard, SYM, {"H": 256, "W": 256})
     assert m.kind != "fixed" and m.modulus == 256
+
+
+def test_predicate_reads_ceil_as_the_printer_spells_it():
+    """sympy's printer writes ceiling as `math.ceil(...)`; an unknown name read as False (a
+    pooled-size guard then looked unsatisfiable)."""
+    import sympy as _sympy
+
+    from mixfx.formulas import predicate as _predicate
+
+    h = _sympy.Symbol("s0", positive=True, integer=True)
+    f = _predicate(_sympy.Eq(_sympy.ceiling(h / 3), 5), {"H": h})
+    assert [x for x in range(1, 30) if f(H=x)] == [13, 14, 15]
