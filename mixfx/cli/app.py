@@ -35,7 +35,8 @@ app = typer.Typer(
     help=(
         "Is this network truly convolutional? mixfx traces a PyTorch model with torch.fx, propagates "
         "symbolic input sizes H and W through every node, and says where shape polymorphism breaks. "
-        "It also rewrites Linear <-> 1x1 conv and patchify <-> strided conv, verified numerically.\n\n"
+        "It also rewrites Linear <-> 1x1 conv and patchify <-> strided conv, cures fixed-resolution models, turns "
+        "classifiers into dense predictors, and exports with dynamic shapes, every result verified numerically.\n\n"
         + EXIT_CODES_HELP
     ),
     no_args_is_help=True,

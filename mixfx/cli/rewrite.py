@@ -48,8 +48,9 @@ class RewriteCommand(MixfxCommand):
 
 
 @app.command(cls=RewriteCommand,
-             help="Rewrite Linear <-> 1x1 conv and patchify <-> strided conv (plus layout clean-up), verify the "
-             "numerics against the original, and report the verdict before and after. A model with nothing to "
+             help="Rewrite Linear <-> 1x1 conv and patchify <-> strided conv (plus layout clean-up), cure what "
+             "fixes the input size (--to polymorphic) or turn a classifier's head into convolutions (--to fcn); "
+             "verify the numerics against the original, and report the verdict before and after. A model with nothing to "
              "rewrite says so and writes nothing (exit 0).\n\n"
              "Exit codes: 0 done, 2 usage error, 3 model could not be loaded or traced, 4 the rewrite could not be "
              "proven equivalent (nothing written), 5 the output could not be written, 141 output pipe closed early.")
