@@ -7,6 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from mixfx.names import name_patterns
 from mixfx.receptive_field import short_text, summary_line
 from mixfx.report import AnalysisReport
 
@@ -64,7 +65,7 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
         for m in report.global_mixing:
             groups.setdefault((m.op, m.reason), []).append(m.module or m.node)
         for (op, reason), mods in groups.items():
-            shown = ", ".join(_name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
+            shown = ", ".join(name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
             console.print(Padding(Text.assemble((shown, STATUS_STYLE["global_mixing"]), f"  {op}"), (0, 0, 0, 1),
                                   expand=False), highlight=False)
             console.print(Padding(Text(reason), (0, 0, 0, 4), expand=False), highlight=False)
@@ -74,7 +75,7 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
         for c in report.global_context:
             groups.setdefault((c.op, c.reason), []).append(c.module or c.node)
         for (op, reason), mods in groups.items():
-            shown = ", ".join(_name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
+            shown = ", ".join(name_patterns(mods)) + (f" ({len(mods)} nodes)" if len(mods) > 1 else "")
             console.print(Padding(Text.assemble((shown, "bold"), f"  {op}"), (0, 0, 0, 1), expand=False),
                           highlight=False)
             console.print(Padding(Text(reason), (0, 0, 0, 4), expand=False), highlight=False)
@@ -119,20 +120,6 @@ def render_nodes(report: AnalysisReport, console: Console) -> None:
     for i, name, op, status, shape, field in rows:
         t.add_row(i, name, op, Text(status, style=STATUS_STYLE.get(status, "")), shape, field)
     console.print(t)
-
-
-def _name_patterns(names: list[str]) -> list[str]:
-    """Module paths with their numbers as `*`, each pattern once (blocks.*.attn for 12 blocks);
-    a pattern matched by one name only is that name."""
-    import re
-
-    by_pattern: dict[str, list[str]] = {}
-    for n in names:
-        by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
-    out: list[str] = []
-    for pattern, group in by_pattern.items():
-        out += group if len(group) == 1 or not re.search(r"[A-Za-z]", pattern) else [pattern]
-    return out
 
 
 LONG_CONSTRAINT = 160

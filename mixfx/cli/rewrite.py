@@ -14,6 +14,7 @@ import typer
 from mixfx.cli.app import (DEBUG_HELP, INPUT_HELP, LEAF_HELP, SPEC_HELP, TRUST_HELP, MixfxCommand, app, console,
                            handle_errors, show_progress)
 from mixfx.errors import UsageError
+from mixfx.names import name_patterns
 
 TARGET_HELP = {
     "conv": "every Linear becomes a 1x1 conv, a patchify (reshape + Linear) a strided conv",
@@ -132,19 +133,6 @@ def _kind(text: str) -> str:
     while previous != text:  # innermost parentheses first
         previous, text = text, re.sub(r"\s*\([^()]*\)", group, text)
     return re.sub(r"\s+", " ", text).strip()
-
-
-def name_patterns(names: list[str]) -> list[str]:
-    """Module paths with their numbers as `*`, each pattern once: 24 blocks read as one line
-    (blocks.*.mlp.fc*). A pattern matched by one name only is that name."""
-    by_pattern: dict[str, list[str]] = {}
-    for n in names:
-        by_pattern.setdefault(re.sub(r"\d+", "*", n), []).append(n)
-    out: list[str] = []
-    for pattern, group in by_pattern.items():
-        # `*` alone (children of a Sequential: 0, 2, ...) says nothing: list those names
-        out += group if len(group) == 1 or not re.search(r"[A-Za-z]", pattern) else [pattern]
-    return out
 
 
 def _width() -> int:
