@@ -736,7 +736,10 @@ def _module_stack(r: _Recorder, model: nn.Module) -> Iterator[None]:
         if name is None or not r.stack:
             return None
         _, calls = r.stack.pop()
-        if r.log.calls == calls and type(mod).__module__.startswith("torch.nn"):
+        # a built-in leaf module the shortcuts answered without torch calls; a container (a
+        # Sequential of such leaves) made no calls either, but its children's hooks judged them
+        if r.log.calls == calls and type(mod).__module__.startswith("torch.nn") \
+                and next(mod.children(), None) is None:
             try:
                 r.stack.append((name, calls))
                 _module_rule(r, mod, args, out)
