@@ -400,7 +400,9 @@ def _rule_matmul(r: _Recorder, x, args, kwargs, out, outs):
         return None
     la, lb = r.layout(a), r.layout(b)
     if id(a) in r.active and id(b) in r.active:
-        _contract_event(r, "matmul", [la[-1], lb[-2]], "a matmul of two activations")
+        # both sides name the same contracted positions: count them once
+        dims = [d for d in (la[-1], lb[-2]) if L.positional(d)][:1]
+        _contract_event(r, "matmul", dims, "a matmul of two activations")
     o = outs[0]
     batch = L.broadcast([(la[:-2], tuple(a.shape[:-2])), (lb[:-2], tuple(b.shape[:-2]))], tuple(o.shape[:-2]))
     return [(*batch, la[-2], lb[-1])]
