@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import mixfx
-from verdict_models import (ContextNet, CrossCovarianceAttention, FNO, GridAttention, LatentCrossAttention,
-                            LeafNet, LinearAttention, ModuleGateNet, PooledAttention, WindowNet, WrappedAttention,
-                            far_change_is_per_channel_affine, far_end_changes, reach_grows)
+from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
+                            LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet, PooledAttention,
+                            WindowNet, WrappedAttention, far_change_is_per_channel_affine, far_end_changes,
+                            reach_grows)
 
 SHAPE = (1, 3, 32, 48)
 WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
@@ -31,6 +32,7 @@ GLOBAL_MIXING = {
     "attention_over_pooled_tokens": (PooledAttention, {}, None),
     "linear_attention_kTv": (LinearAttention, {}, None),
     "cross_covariance_attention_after_a_sequential_stem": (CrossCovarianceAttention, {}, None),
+    "additive_attention_pooling": (AdditiveAttention, {}, None),
 }
 
 

@@ -361,3 +361,26 @@ class CrossCovarianceAttention(nn.Module):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # b, c, c
         return (attn @ v).reshape(b, c, h, w)
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: per-position scores, normalised over the
+    positions, weight a sum of the queries over every position (attention pooling: weights that
+    depend on the input, global mixing), multiplied back onto the keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.q = nn.Conv2d(C, C, 1)
+        self.k = nn.Conv2d(C, C, 1)
+        self.w_g = nn.Parameter(torch.randn(C, 1))
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q = F.normalize(self.q(x).flatten(2).transpose(1, 2), dim=-1)  # b, n, c
+        k = F.normalize(self.k(x).flatten(2).transpose(1, 2), dim=-1)
+        score = F.normalize(q @ self.w_g, dim=1)  # b, n, 1
+        g = torch.sum(score * q, dim=1, keepdim=True)  # b, 1, c
+        return (self.proj(g * k) + q).transpose(1, 2).reshape(b, c, h, w)
