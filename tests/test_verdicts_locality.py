@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import mixfx
-from verdict_models import (ContextNet, FNO, GridAttention, LatentCrossAttention, LeafNet, LinearAttention,
-                            PooledAttention, WindowNet, WrappedAttention, far_change_is_per_channel_affine,
-                            far_end_changes, reach_grows)
+from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
+                            LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet, PooledAttention,
+                            WindowNet, WrappedAttention, far_change_is_per_channel_affine, far_end_changes,
+                            reach_grows)
 
 SHAPE = (1, 3, 32, 48)
 WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
@@ -30,6 +31,8 @@ GLOBAL_MIXING = {
     "grid_attention": (GridAttention, {}, None),
     "attention_over_pooled_tokens": (PooledAttention, {}, None),
     "linear_attention_kTv": (LinearAttention, {}, None),
+    "cross_covariance_attention_after_a_sequential_stem": (CrossCovarianceAttention, {}, None),
+    "additive_attention_pooling": (AdditiveAttention, {}, None),
 }
 
 
@@ -93,3 +96,16 @@ def test_se_gate_and_group_norm_are_global_context_not_mixing():
     d = r.to_dict()
     assert {c["op"] for c in d["global_context"]} == ops
     assert any(n["status"] == "global_context" for n in d["nodes"])
+
+
+def test_pool_module_gate_after_a_sequential_stem_is_global_context():
+    """A legacy SE gate (an AdaptiveAvgPool2d module, not x.mean) behind a built-in container
+    whose leaves the shape shortcuts answer: the container must not erase the map's positions."""
+    torch.manual_seed(0)
+    model = ModuleGateNet().eval()
+    assert far_end_changes(model, WIDE) and reach_grows(model, WIDE, WIDER)
+    assert far_change_is_per_channel_affine(model, WIDE)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    assert any(c.module.startswith("gate") for c in r.global_context), r.global_context

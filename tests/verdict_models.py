@@ -319,3 +319,68 @@ def far_change_is_per_channel_affine(model: nn.Module, shape: tuple[int, ...]) -
         if (design @ coef - v[:, None]).abs().max() > 1e-4:
             return False
     return True
+
+
+# ----------------------------------------------------------------------------- built-in containers
+def conv_stem() -> nn.Module:
+    """A stem made only of built-in leaves in a built-in container (every call in it is answered
+    by the shape shortcuts; the container itself makes no torch call) that halves the map, so
+    that its output's layout cannot be read off its input's shape."""
+    return nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.MaxPool2d(2))
+
+
+class ModuleGateNet(nn.Module):
+    """A legacy squeeze-excite gate: an nn.AdaptiveAvgPool2d(1) module, 1x1 convs and a sigmoid,
+    multiplied back onto the map, after a Sequential stem (global context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(C, 4, 1), nn.ReLU(), nn.Conv2d(4, C, 1),
+                                  nn.Sigmoid())
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        return x * self.gate(x)
+
+
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's attention: q k^T contracts over the N positions into a C x C map that then mixes
+    the channels of every position (global mixing), after a Sequential stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.qkv = nn.Conv2d(C, 3 * C, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).chunk(3, dim=1)  # b, c, n
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # b, c, c
+        return (attn @ v).reshape(b, c, h, w)
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention: per-position scores, normalised over the
+    positions, weight a sum of the queries over every position (attention pooling: weights that
+    depend on the input, global mixing), multiplied back onto the keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.q = nn.Conv2d(C, C, 1)
+        self.k = nn.Conv2d(C, C, 1)
+        self.w_g = nn.Parameter(torch.randn(C, 1))
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q = F.normalize(self.q(x).flatten(2).transpose(1, 2), dim=-1)  # b, n, c
+        k = F.normalize(self.k(x).flatten(2).transpose(1, 2), dim=-1)
+        score = F.normalize(q @ self.w_g, dim=1)  # b, n, 1
+        g = torch.sum(score * q, dim=1, keepdim=True)  # b, 1, c
+        return (self.proj(g * k) + q).transpose(1, 2).reshape(b, c, h, w)

@@ -10,8 +10,9 @@ combine positions log an `Event` with the extent of the dims they combine.
 
 `judge` compares the events of two runs at different input sizes: an op whose combined extent
 differs between them reaches further when the input grows. Then:
-- attention (any form), a matmul/einsum of two activations, an FFT, a scan or recurrence over such
-  an extent is *global mixing*;
+- attention (any form), a matmul/einsum of two activations, a sum over positions of the product
+  of two activations (attention pooling), an FFT, a scan or recurrence over such an extent is
+  *global mixing*;
 - a mean/max/adaptive-pool summary over it that is broadcast back onto the map, and a norm whose
   statistics span it (GroupNorm/InstanceNorm/LayerNorm over H, W), is *global context*;
 - a resize whose output size does not change with the input, followed by spatial processing, is
@@ -91,6 +92,7 @@ def _name(func: Any) -> str:
 
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod", "nansum",
                "nanmean", "std_mean", "var_mean", "median", "argmax", "argmin", "all", "any"}
+_WEIGHTED_SUMS = {"sum", "mean", "nansum", "nanmean"}
 _SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 _VIEWS = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten", "unflatten"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
@@ -128,6 +130,9 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[tuple[str, int]] = []
         self.counts: dict[tuple, int] = {}
         self.by_key: dict[tuple, Event] = {}
+        # products of two different activations, as id -> their layouts: a sum of one over
+        # positions is a contraction (attention pooling), not a fixed-weight summary
+        self.products: dict[int, tuple[L.Layout, L.Layout]] = {}
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def module(self) -> str:
@@ -216,6 +221,9 @@ class _Recorder(TorchFunctionMode):
             self.default(ins, outs)
         finally:
             self.track_positions(name, ins, outs)
+            if name in ("mul", "multiply") and len(ins) == 2 and ins[0] is not ins[1] \
+                    and all(id(t) in self.active for t in ins):
+                self.products[id(outs[0])] = (self.layout(ins[0]), self.layout(ins[1]))
 
     def track_positions(self, op: str, ins: Sequence[Any], outs: Sequence[Any]) -> None:
         self.log.step += 1
@@ -400,7 +408,9 @@ def _rule_matmul(r: _Recorder, x, args, kwargs, out, outs):
         return None
     la, lb = r.layout(a), r.layout(b)
     if id(a) in r.active and id(b) in r.active:
-        _contract_event(r, "matmul", [la[-1], lb[-2]], "a matmul of two activations")
+        # both sides name the same contracted positions: count them once
+        dims = [d for d in (la[-1], lb[-2]) if L.positional(d)][:1]
+        _contract_event(r, "matmul", dims, "a matmul of two activations")
     o = outs[0]
     batch = L.broadcast([(la[:-2], tuple(a.shape[:-2])), (lb[:-2], tuple(b.shape[:-2]))], tuple(o.shape[:-2]))
     return [(*batch, la[-2], lb[-1])]
@@ -476,7 +486,13 @@ def _rule_reduce(r: _Recorder, x, args, kwargs, out, outs):
     lay = r.layout(x)
     reduced = [lay[d] for d in dims]
     ev = None
-    if any(L.positional(d) for d in reduced):
+    factors = r.products.get(id(x)) if getattr(r, "_op", "") in _WEIGHTED_SUMS else None
+    if factors is not None and all(any(L.positional(f[d]) for d in dims) for f in factors):
+        # sum_n a_n * b_n with both factors varying over the positions n: weights that depend
+        # on the input, i.e. a contraction of two activations (additive attention pooling)
+        _contract_event(r, r._op, [d for d in reduced if L.positional(d)][:1],
+                        "a weighted sum of two activations over positions (attention pooling)")
+    elif any(L.positional(d) for d in reduced):
         ev = r.emit("summary", getattr(r, "_op", "mean"), reduced)
     res = []
     for o in outs:
@@ -736,7 +752,10 @@ def _module_stack(r: _Recorder, model: nn.Module) -> Iterator[None]:
         if name is None or not r.stack:
             return None
         _, calls = r.stack.pop()
-        if r.log.calls == calls and type(mod).__module__.startswith("torch.nn"):
+        # a built-in leaf module the shortcuts answered without torch calls; a container (a
+        # Sequential of such leaves) made no calls either, but its children's hooks judged them
+        if r.log.calls == calls and type(mod).__module__.startswith("torch.nn") \
+                and next(mod.children(), None) is None:
             try:
                 r.stack.append((name, calls))
                 _module_rule(r, mod, args, out)
