@@ -475,29 +475,48 @@ class SymbolicBudgetExceeded(BaseException):  # not Exception: code that swallow
     """The symbolic run took longer than its budget."""
 
 
+class _Budget:
+    """The state of one `time_budget`: the timer's exception can be swallowed where the signal
+    lands (a weakref callback: "Exception ignored in ..."), so code that runs step by step also
+    calls `check()` between steps."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.expired = False
+
+    def error(self) -> SymbolicBudgetExceeded:
+        return SymbolicBudgetExceeded(
+            f"the symbolic run exceeded its {self.seconds:g} CPU-second budget (size expressions grow with every "
+            "padded/windowed stage)")
+
+    def check(self) -> None:
+        if self.expired:
+            raise self.error()
+
+
 @contextlib.contextmanager
-def time_budget(seconds: float | None) -> Iterator[None]:
+def time_budget(seconds: float | None) -> Iterator[_Budget]:
     """Raise `SymbolicBudgetExceeded` in this block after `seconds` of CPU time used by this
     process (main thread only: an ITIMER_VIRTUAL timer, which can interrupt a single op stuck in
     sympy; elsewhere no limit). CPU time, not wall time: on a busy machine (a test run beside a
     build, the zoo's parallel jobs) the run still gets as far, so the report does not depend on
-    the load."""
+    the load. Yields a `_Budget` whose `check()` re-raises once the time is up."""
     import signal
     import threading
 
+    budget = _Budget(seconds)
     if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
+        yield budget
         return
 
     def expired(signum, frame):
-        raise SymbolicBudgetExceeded(
-            f"the symbolic run exceeded its {seconds:g} CPU-second budget (size expressions grow with every "
-            "padded/windowed stage)")
+        budget.expired = True
+        raise budget.error()
 
     previous = signal.signal(signal.SIGVTALRM, expired)
     signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
-        yield
+        yield budget
     finally:
         signal.setitimer(signal.ITIMER_VIRTUAL, 0)
         signal.signal(signal.SIGVTALRM, previous)
@@ -521,8 +540,12 @@ def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
     symbols = {name: fake_x.shape[2 + i].node.expr for i, name in enumerate(names)} if rank > 2 else {}
     run = SymbolicRun(env, symbols)
 
+    budget: _Budget | None = None
+
     class _Recorder(_PropagationInterpreter):
         def run_node(self, n):
+            if budget is not None:
+                budget.check()  # the timer's own exception may have been swallowed mid-op
             before = len(env.guards)
             try:
                 out = super().run_node(n)
@@ -538,7 +561,7 @@ def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *
     # The Python dispatcher lets composite ops (F.interpolate with a SymInt size) decompose.
     with meta_weights(gm), mode, enable_python_dispatcher(), _quiet_sympy_warnings(), _light_floordiv_simplify():
         try:
-            with time_budget(budget_s):
+            with time_budget(budget_s) as budget:
                 interp.run(fake_x)
         except SymbolicBudgetExceeded as exc:
             node = interp.current.name if interp.current is not None else "?"

@@ -153,3 +153,24 @@ def test_no_fault_writes_output(workdir):
     after = snapshot(workdir)
     assert after["out.pt"] != before["out.pt"]
     assert {k: v for k, v in after.items() if k != "out.pt"} == {k: v for k, v in before.items() if k != "out.pt"}
+
+
+def test_a_swallowed_budget_signal_is_raised_again_at_the_next_check():
+    """The budget's timer can land where its exception is swallowed (a weakref callback prints
+    "Exception ignored in ..."); the run must still stop at the next node."""
+    import time
+
+    import pytest as _pytest
+
+    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+
+    with _pytest.raises(SymbolicBudgetExceeded):
+        with time_budget(0.05) as budget:
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.5:
+                try:
+                    sum(range(10_000))
+                except BaseException:  # noqa: BLE001 - what a weakref callback does to it
+                    pass
+            assert budget.expired
+            budget.check()
