@@ -135,6 +135,48 @@ def _kind(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# a layout change that removed a permute pair around one op: `permute(0, 2, 3, 1) -> GELU -> permute(0, 3, 1, 2)`
+_LAYOUT_SANDWICH = re.compile(r"^permute\([\d, ]+\) -> (\S+) -> permute\([\d, ]+\)$")
+
+
+def _render_verification(v: Any) -> None:
+    """One line per input size (no box: it reads the same piped), the tolerance in the title."""
+    console.print(f"[bold]Verification[/] (float32, random inputs, seed {v.seed})", highlight=False)
+    rows = []
+    for s in v.sizes:
+        shape = "x".join(map(str, s.input_shape))
+        if s.max_abs_err != s.max_abs_err:  # NaN: a cured size the original does not take
+            verdict = ("[green]runs[/] (no reference: the original does not take this size)" if s.passed
+                       else f"[red]FAILED[/] ({s.error})")
+            rows.append((shape, None, None, None, verdict))
+            continue
+        verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
+        if s.passed and s.ref_scale == 0 and s.max_abs_err == 0:
+            verdict = "[yellow]all zero[/]"  # equal, but proves nothing
+        if s.error:
+            verdict += f" ({s.error})"
+        rows.append((shape, f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}", f"{s.ref_scale:.3g}", verdict))
+    for s in v.float64_sizes:
+        rows.append(("x".join(map(str, s.input_shape)) + " (float64)", f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
+                     f"{s.ref_scale:.3g}", "[green]ok[/]" if s.passed else "[red]FAILED[/]"))
+    width = max((len(r[0]) for r in rows), default=0)
+    for shape, abs_err, rel_err, scale, verdict in rows:
+        errors = "" if abs_err is None else f"abs err {abs_err:<9} rel err {rel_err:<9} max|ref| {scale:<8} "
+        console.print(f"  {shape:<{width}}  {errors}{verdict}", highlight=False, soft_wrap=True)
+    tolerance = f"tolerance: abs err <= {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} * max|ref|"
+    if v.float64_sizes:
+        tolerance += "; float32 missed it, float64 rows: rel err <= 1e-9"
+    if v.randomised:
+        tolerance += f"; on copies with {len(v.randomised)} all-zero parameter(s) drawn at random"
+    for line in textwrap.wrap(tolerance, _width(), initial_indent="  ", subsequent_indent="  ",
+                              break_long_words=False, break_on_hyphens=False):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if v.unproven:
+        for line in textwrap.wrap(f"not proven: {v.unproven}", _width(), subsequent_indent="  ",
+                                  break_long_words=False, break_on_hyphens=False):
+            console.print(line, style="red", highlight=False, markup=False, soft_wrap=True)
+
+
 def _width() -> int:
     return max(40, console.width)
 
@@ -168,23 +210,30 @@ def _render_skipped(result: Any) -> None:
 
 def render_result(result: Any, name: str) -> None:
     """The rewrite as lines that read at 80 columns and through pipes: alike changes and alike
-    skips grouped one line each (`--json` has every one), the verification, the verdicts."""
-    from rich.table import Table
-
+    skips grouped one line each (`--json` has every one, and the passes that ran), the
+    verification one line per size, the verdicts."""
     console.print(f"[bold]mixfx rewrite[/] {name} --to {result.target}", highlight=False)
-    console.print(f"[dim]passes:[/] {', '.join(result.passes)}", highlight=False)
     console.print(f"[bold]Changes ({len(result.changes)})[/]")
     groups: dict[tuple[str, str], list[str]] = {}
+    cancelled: dict[str, int] = {}  # layout: permute pairs cancelled around an op -> how many
     for c in result.changes:
-        if c.pass_name == "layout":  # already alike: the exact pattern and what it became
+        around = _LAYOUT_SANDWICH.match(c.before) if c.pass_name == "layout" else None
+        if around:
+            op = around.group(1) + ("" if c.after == around.group(1) else f" (now {c.after})")
+            cancelled[op] = cancelled.get(op, 0) + 1
+            continue
+        if c.pass_name == "layout":  # another layout pattern: the exact pattern and what it became
             key = (c.pass_name, f"{c.before}  =>  {c.after}")
         else:
             key = (c.pass_name, f"{_kind(c.before)} -> {_kind(c.after)}")
         groups.setdefault(key, []).append(c.module or c.node)
-    if not groups:
+    if not groups and not cancelled:
         console.print("     none")
     for (pass_name, text), names in groups.items():
         print_group(len(names), f"{pass_name}  {text}", names if pass_name != "layout" else [])
+    if cancelled:
+        print_group(sum(cancelled.values()), "layout  permute pairs cancelled around "
+                    + ", ".join(f"{op} x{n}" for op, n in cancelled.items()), [])
     _render_skipped(result)
     score_map = result.score_map.describe() if result.score_map is not None else None  # --to fcn
     if score_map:
@@ -199,45 +248,18 @@ def render_result(result: Any, name: str) -> None:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     v = result.verification
     if v is not None:
-        table = Table(title="Verification (float32, random inputs, seed %d)" % v.seed, title_justify="left")
-        for col in ("input", "max abs err", "max rel err", "max |ref|", "result"):
-            table.add_column(col)
-        for s in v.sizes:
-            verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
-            if s.passed and s.ref_scale == 0 and s.max_abs_err == 0:
-                verdict = "[yellow]all zero[/]"  # equal, but proves nothing
-            if s.error:
-                verdict += f" ({s.error})"
-            if s.max_abs_err != s.max_abs_err:  # NaN: a cured size the original does not take
-                verdict = ("[green]runs[/]" if s.passed else "[red]FAILED[/]") + (
-                    " (no reference: the original does not take this size)" if s.passed else f" ({s.error})")
-                table.add_row("x".join(map(str, s.input_shape)), "-", "-", "-", verdict)
-                continue
-            table.add_row("x".join(map(str, s.input_shape)), f"{s.max_abs_err:.3g}", f"{s.max_rel_err:.3g}",
-                          f"{s.ref_scale:.3g}", verdict)
-        for s in v.float64_sizes:
-            verdict = "[green]ok[/]" if s.passed else "[red]FAILED[/]"
-            table.add_row("x".join(map(str, s.input_shape)) + " (float64)", f"{s.max_abs_err:.3g}",
-                          f"{s.max_rel_err:.3g}", f"{s.ref_scale:.3g}", verdict)
-        table.caption = f"tolerance: max abs err <= {v.tolerance['atol']:g} + {v.tolerance['rtol']:g} * max|ref|"
-        table.caption_justify = "left"
-        if v.float64_sizes:
-            table.caption += "; float32 missed it, float64 rows: rel err <= 1e-9"
-        if v.randomised:
-            table.caption += f"; on copies with {len(v.randomised)} all-zero parameter(s) drawn at random"
-        console.print(table)
-        if v.unproven:
-            for line in textwrap.wrap(f"not proven: {v.unproven}", _width(), subsequent_indent="  ",
-                                      break_long_words=False, break_on_hyphens=False):
-                console.print(line, style="red", highlight=False, markup=False, soft_wrap=True)
+        _render_verification(v)
     if result.classification_before is not None:
-        console.print("[bold]Analysis verdict[/]")
-        for label, cls, rigid in (("before", result.classification_before, result.rigid_before),
-                                  ("after", result.classification_after or "-", result.rigid_after)):
-            print_group_line = f"  {label:<7}{cls}" + (f"  rigid: {', '.join(name_patterns(rigid))}" if rigid else "")
-            for line in textwrap.wrap(print_group_line, _width(), subsequent_indent=" " * 9,
-                                      break_long_words=False, break_on_hyphens=False):
-                console.print(line, highlight=False, markup=False, soft_wrap=True)
+        before, after = result.classification_before, result.classification_after or "-"
+        if before == after and not result.rigid_before and not result.rigid_after:
+            console.print(f"[bold]Analysis verdict[/]  {before}, before and after", highlight=False)
+        else:
+            console.print("[bold]Analysis verdict[/]")
+            for label, cls, rigid in (("before", before, result.rigid_before), ("after", after, result.rigid_after)):
+                line = f"  {label:<7}{cls}" + (f"  rigid: {', '.join(name_patterns(rigid))}" if rigid else "")
+                for part in textwrap.wrap(line, _width(), subsequent_indent=" " * 9, break_long_words=False,
+                                          break_on_hyphens=False):
+                    console.print(part, highlight=False, markup=False, soft_wrap=True)
         changed = result.classification_after and result.classification_after != result.classification_before
         if result.target == "polymorphic":
             if changed:
