@@ -189,25 +189,11 @@ def require_onnx() -> None:
 
 # ----------------------------------------------------------------------------- steps
 def _check_destination(target: Path, input_path) -> None:
-    if input_path is not None and _same_file(target, Path(input_path)):
-        raise OutputError(f"refusing to write the export over the input model {str(input_path)!r}.",
-                          "Choose another -o path; mixfx never modifies its input.")
+    from mixfx.saving import check_destination
+
+    check_destination(target, input_path)
     if target.is_dir():
         raise OutputError(f"{str(target)!r} is a folder.", "Give a file name ending in .onnx or .pt2.")
-    parent = target.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {str(target)!r}: the folder {str(parent)!r} does not exist.",
-                          "Create it first or choose another -o path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {str(target)!r}: the folder {str(parent)!r} is not writable.",
-                          "Choose another -o path.")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
 
 
 def _is_constraint_violation(exc: BaseException) -> bool:

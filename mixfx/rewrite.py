@@ -113,6 +113,38 @@ def default_passes(to: str, only: str | None = None) -> list[RewritePass]:
     return keep
 
 
+def run_pipeline(gm: GraphModule, pipeline: Sequence[RewritePass], example_input: torch.Tensor,
+                 model_name: str) -> tuple[GraphModule, list[Change], list[Skip], list[str]]:
+    """Run the passes in order on `gm` (annotated with the example's shapes while they run) and
+    collect what they changed, skipped and noted. A pass that raises anything but a MixfxError
+    becomes a PassError: nothing was rewritten."""
+    annotate_example_inputs(gm, example_input)
+    changes: list[Change] = []
+    skipped: list[Skip] = []
+    notes: list[str] = []
+    for p in pipeline:
+        name = getattr(p, "name", type(p).__name__)
+        progress.stage(f"rewrite pass {name}")
+        try:
+            result = p(gm)
+        except MixfxError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing pass is reported, the original is untouched
+            raise PassError(
+                f"the rewrite pass `{name}` failed on {model_name}: {type(exc).__name__}: {exc}. Nothing was "
+                "rewritten.", "Run with --debug for the traceback; --only PATTERN runs a subset of the passes.") from exc
+        if result is not None:
+            gm = result.graph_module
+            if isinstance(result, RewritePassResult):
+                changes += result.changes
+                skipped += result.skipped
+                notes += result.notes
+    clear_example_inputs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, changes, skipped, notes
+
+
 def _trace(model: nn.Module, leaves: Sequence, example_input: torch.Tensor) -> GraphModule:
     if isinstance(model, GraphModule):
         return copy.deepcopy(model)
@@ -210,31 +242,8 @@ def rewrite(
         for p in pipeline:  # --to fcn refuses what the analysis calls not convolutional
             if hasattr(p, "report") and getattr(p, "report", None) is None:
                 p.report = report_before
-        annotate_example_inputs(gm, example_input)
-        changes: list[Change] = []
-        skipped: list[Skip] = []
-        notes: list[str] = []
         t0 = time.perf_counter()
-        for p in pipeline:
-            progress.stage(f"rewrite pass {getattr(p, 'name', type(p).__name__)}")
-            try:
-                result = p(gm)
-            except MixfxError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a failing pass is reported, the original is untouched
-                raise PassError(
-                    f"the rewrite pass `{getattr(p, 'name', type(p).__name__)}` failed on {type(model).__name__}: "
-                    f"{type(exc).__name__}: {exc}. Nothing was rewritten.",
-                    "Run with --debug for the traceback; --only PATTERN runs a subset of the passes.") from exc
-            if result is not None:
-                gm = result.graph_module
-                if isinstance(result, RewritePassResult):
-                    changes += result.changes
-                    skipped += result.skipped
-                    notes += result.notes
-        clear_example_inputs(gm)
-        gm.graph.lint()
-        gm.recompile()
+        gm, changes, skipped, notes = run_pipeline(gm, pipeline, example_input, type(model).__name__)
         timings["passes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -559,18 +568,10 @@ def rewrite_polymorphic(
         else:
             pipeline = []
             notes.append(f"the model is already {before}: nothing to cure")
-        annotate_example_inputs(gm, example_input)
-        changes: list[Change] = []
         t0 = time.perf_counter()
-        for p in pipeline:
-            result = p(gm)  # CureRefused (a MixfxError) propagates: nothing was written
-            gm = result.graph_module
-            if isinstance(result, RewritePassResult):
-                changes += result.changes
-                notes += result.notes
-        clear_example_inputs(gm)
-        gm.graph.lint()
-        gm.recompile()
+        # CureRefused (a MixfxError) propagates: nothing was written
+        gm, changes, _, pass_notes = run_pipeline(gm, pipeline, example_input, type(model).__name__)
+        notes += pass_notes
         timings["passes_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

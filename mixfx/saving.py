@@ -80,6 +80,21 @@ def save_module(
     if format not in FORMATS:
         raise OutputError(f"unknown output format {format!r}.", "Use --format pt or --format folder.")
     target = Path(path).expanduser().absolute()
+    check_destination(target, input_path)
+    if format == "pt":
+        if target.is_dir():
+            raise OutputError(f"{str(target)!r} is a folder.", "Give a file name for --format pt, or use --format folder.")
+        _save_pt(gm, target, example_input)
+    else:
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"{str(target)!r} exists and is not a folder.", "Choose another -o path for --format folder.")
+        _save_folder(gm, target, example_input, check)
+    return target
+
+
+def check_destination(target: Path, input_path: str | os.PathLike | None) -> None:
+    """Refuse (OutputError, exit 5) before any work: the input model as the output, or a folder
+    that is missing or not writable. Shared by every command that writes (rewrite, export)."""
     if input_path is not None and _same_path(target, Path(input_path)):
         raise OutputError(f"refusing to write the output over the input model {str(input_path)!r}.",
                           "Choose another -o path; mixfx never modifies its input.")
@@ -90,15 +105,6 @@ def save_module(
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {str(target)!r}: the folder {str(parent)!r} is not writable.",
                           "Choose another -o path.")
-    if format == "pt":
-        if target.is_dir():
-            raise OutputError(f"{str(target)!r} is a folder.", "Give a file name for --format pt, or use --format folder.")
-        _save_pt(gm, target, example_input)
-    else:
-        if target.exists() and not target.is_dir():
-            raise OutputError(f"{str(target)!r} exists and is not a folder.", "Choose another -o path for --format folder.")
-        _save_folder(gm, target, example_input, check)
-    return target
 
 
 def _same_path(a: Path, b: Path) -> bool:
