@@ -16,6 +16,7 @@ from torch.fx import Node
 
 from mixfx.shapes import (ConcreteRun, NodeFailure, _is_false, _MetaInterpreter, _propagate, _shape_of, _short,
                           classify_exception, meta_weights)
+from passes._fxutil import depends_on_input
 
 
 def probe_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -162,17 +163,7 @@ def _reads_shape_only(node: Node) -> bool:
 def value_depends_on_input(node: Node) -> bool:
     """Whether the input's values (not only its shape) flow into `node`: False for a table
     expanded to the batch size (`pos.expand(x.shape[0], -1, -1)`)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        if not _reads_shape_only(n):
-            stack.extend(n.all_input_nodes)
-    return False
+    return depends_on_input(node, follow=lambda n: not _reads_shape_only(n))
 
 
 def constant_value(gm: torch.fx.GraphModule, node: Node):

@@ -7,7 +7,7 @@ by running the graph once on the example input recorded on the placeholders
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
@@ -375,8 +375,9 @@ def prune_unused(gm: GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def depends_on_input(node: Node) -> bool:
-    """True when the node's value depends on a placeholder (i.e. it is not a constant of the model)."""
+def depends_on_input(node: Node, follow: Callable[[Node], bool] | None = None) -> bool:
+    """True when the node's value depends on a placeholder (i.e. it is not a constant of the model).
+    `follow(n)` False stops the walk at `n` (its inputs are not followed)."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
@@ -385,7 +386,8 @@ def depends_on_input(node: Node) -> bool:
         seen.add(n)
         if n.op == "placeholder":
             return True
-        stack.extend(n.all_input_nodes)
+        if follow is None or follow(n):
+            stack.extend(n.all_input_nodes)
     return False
 
 
