@@ -41,6 +41,9 @@ FACTORS = ((1.25, 0.875), (0.75, 1.125), (0.5, 2.0), (2.0, 0.5), (1.5, 1.25), (0
            (1.125, 1.5), (0.625, 0.5), (2.0, 2.5))
 # Odd offsets from the example: they run when no divisibility constraint holds.
 NEARBY = ((1, 3), (-3, 5), (2, -1), (0, 1), (5, 0))
+# Multiples the example shrinks by (H - m x W - 2m): a model that indexes a fixed-size table with
+# positions (relative-position tables) runs only up to its size.
+SHRINK = (32, 16, 14)
 
 
 def _short(exc: BaseException, n: int = 160) -> str:
@@ -53,8 +56,9 @@ def _fmt(size: Size) -> str:
 
 def candidate_sizes(example: Size, limit: int = 96) -> list[Size]:
     """Sizes to try besides `example`: never a size of 1, never two equal spatial sizes (H != W,
-    so that a model that only works on squares, or confuses H and W, is seen), at most `limit`,
-    the nearby odd sizes first, then by distance from the example's pixel count."""
+    so that a model that only works on squares, or confuses H and W, is seen), at most `limit`:
+    the example less 32 x 64 first, the nearby odd sizes, smaller ones, then by distance from the
+    example's pixel count."""
     nd = len(example)
     out: list[Size] = []
 
@@ -67,8 +71,12 @@ def candidate_sizes(example: Size, limit: int = 96) -> list[Size]:
         if s not in out:
             out.append(s)
 
+    for m in SHRINK[:1]:  # smaller on every axis: the likeliest to run when anything does
+        add(max(m, e - m * (1 + i % 2)) for i, e in enumerate(example))
     for off in NEARBY:
         add(e + off[i % 2] for i, e in enumerate(example))
+    for m in SHRINK[1:]:  # a model that indexes a fixed-size table runs only up to its size
+        add(max(m, e - m * (1 + i % 2)) for i, e in enumerate(example))
     pixels = math.prod(example)
     per_multiple: list[list[Size]] = []
     for m in MULTIPLES[1:]:
@@ -135,7 +143,10 @@ class SizeSearch:
         the sweep ran out of time before any size ran)."""
         if self.example_error or (self.stopped_early and not self.runs):
             return None
-        return not self.runs or self.same_count_only or self.grid_stride is not None
+        pinned = not self.runs or self.same_count_only or self.grid_stride is not None
+        if pinned and self.stopped_early:  # only the sizes on its grid were tried: undecided
+            return None
+        return pinned
 
     @property
     def divisors(self) -> Size:
@@ -168,6 +179,8 @@ class SizeSearch:
             return v // s == e // s or -(-v // s) == -(-e // s)
 
         for s in (2, 4, 7, 8, 14, 16, 28, 32, 56, 64):
+            if min(self.example) // s < 2:  # a grid of one cell says nothing
+                break
             if self.runs and all(same(v, e, s) for r in self.runs for v, e in zip(r, self.example)):
                 return s
         return None
@@ -212,6 +225,7 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             return _short(exc)
 
     err = runs(example, "meta")
+    t_real, slow_meta = 0.0, False
     if err is not None:
         res.meta_usable = False
         if not real:
@@ -219,11 +233,13 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             res.seconds = time.perf_counter() - t0
             return res
     if real:
+        t1 = time.perf_counter()
         err = runs(example, "cpu")
         if err is not None:
             res.example_error = err
             res.seconds = time.perf_counter() - t0
             return res
+        t_real = time.perf_counter() - t1
     t_sweep = time.perf_counter()  # the budget is the sweep's: a large example may take seconds
     if res.meta_usable:
         for s in cands:
@@ -234,18 +250,27 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             if len(res.meta_runs) >= enough_runs:  # enough to judge, derive divisors and probe
                 res.tried = res.tried[:len(res.meta_runs) + len(res.fails)]
                 break
+            t1 = time.perf_counter()
             e = runs(s, "meta")
+            if (real and not res.meta_runs and not res.fails
+                    and time.perf_counter() - t1 > max(1.0, 2 * t_real)):
+                # a meta forward slower than a real one (recurrent layers decompose step by step
+                # on meta) would spend the budget on a few sizes: sweep with real forwards
+                res.meta_usable, slow_meta = False, True
+                break
             if e is None:
                 res.meta_runs.append(s)
             else:
                 res.fails[s] = e
+    if res.meta_usable:
         if not real:
             res.runs = list(res.meta_runs)
             res.seconds = time.perf_counter() - t0
             return res
         # confirm the cheapest meta runs with real forwards, until one passes
         res.confirmed_real = True
-        by_cost = sorted(res.meta_runs, key=math.prod)
+        by_cost = sorted(res.meta_runs, key=lambda s: (any(a > b for a, b in zip(s, example)),
+                                                        math.prod(s)))
         for s in by_cost[:real_confirm]:
             e = runs(s, "cpu")
             if e is None and all(a >= b for a, b in zip(s, example)):
@@ -258,7 +283,11 @@ def size_search(model: nn.Module, example_shape: Size, *, meta_model: nn.Module 
             res.runs += [s for s in res.meta_runs if s not in res.runs and s not in res.refuted]
     else:
         res.confirmed_real = True
-        for s in sorted(cands, key=math.prod)[:16]:
+        # in the candidates' priority order when meta was only slow, else cheapest first
+        for s in (cands if slow_meta else sorted(cands, key=math.prod))[:16]:
+            if time.perf_counter() - t_sweep > time_budget and res.runs:
+                res.stopped_early = True
+                break
             e = runs(s, "cpu")
             if e is None:
                 res.runs.append(s)
