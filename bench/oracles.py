@@ -496,6 +496,29 @@ def randomise_zero_parameters(model: nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
 
 
+def calibrate_norm_statistics(model: nn.Module, x: torch.Tensor) -> None:
+    """Batch norms get the statistics of one forward on `x`, as a trained net's are of its data.
+    With random weights and the default statistics (mean 0, variance 1) activations grow layer by
+    layer and saturate the gates behind them (cspnext's hard sigmoid over the global mean sat at 0
+    or 1, so the far end could not change what it gates)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one forward sets the statistics
+        m.train()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+            m.eval()
+
+
 def _flops(meta: nn.Module, shape: Size) -> float | None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -640,6 +663,11 @@ def perturbation_probe(model: nn.Module, example_shape: Size, search: SizeSearch
     randomise_zero_parameters(real)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(lead + chosen, generator=gen, dtype=torch.float64)
+    try:
+        calibrate_norm_statistics(real, x)
+    except Exception:  # noqa: BLE001  (one value per channel somewhere: keep the defaults)
+        real = copy.deepcopy(model).double().eval()
+        randomise_zero_parameters(real)
     xl, xr = x.clone(), x.clone()
     xl[..., :strip] += 3.0 * torch.randn(xl[..., :strip].shape, generator=gen, dtype=torch.float64)
     xr[..., -strip:] += 3.0 * torch.randn(xr[..., -strip:].shape, generator=gen, dtype=torch.float64)

@@ -222,3 +222,37 @@ def test_extra_pixels_that_are_never_read_are_not_another_size():
     assert search.meta_runs == [(33, 35), (34, 38), (36, 33)]
     assert all("never reads" in why for why in search.refuted.values())
     assert search.fixed is True
+
+
+class SaturatedGateCNN(nn.Module):
+    """Convs whose activations grow 20x per layer under default batch-norm statistics, then a
+    hard-sigmoid gate over the global mean (an effective-SE block): saturated at 0 or 1 unless the
+    statistics are those of real data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 8, 3, 1, 1)
+        with torch.no_grad():
+            for conv in (self.body[0], self.body[3]):
+                conv.weight.mul_(20.0)
+            self.fc.weight.mul_(10.0)
+
+    def forward(self, x):
+        x = self.body(x)
+        x = x * F.hardsigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+        return self.out(x).mean((2, 3))
+
+
+def test_probe_calibrates_norm_statistics_so_a_saturated_gate_shows_its_mixing(monkeypatch):
+    import oracles
+
+    search, probe = _oracles(SaturatedGateCNN())
+    assert probe.verdict == "global", probe.reason
+    # without the calibration the gate sits at 1 and the far end cannot change it
+    monkeypatch.setattr(oracles, "calibrate_norm_statistics", lambda model, x: None)
+    _, uncalibrated = _oracles(SaturatedGateCNN())
+    assert uncalibrated.verdict == "local", uncalibrated.reason
