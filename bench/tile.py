@@ -9,6 +9,7 @@ saved once so the others compare against it. Prints a table, writes bench/result
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,59 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, maxrss_mb  # noqa: E402
 
 
-class Block(nn.Module):
-    def __init__(self, i: int, o: int):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o)
-        self.c2, self.b2 = nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o)
+def _load_unet():
+    """The U-Net of examples/unet.py (one definition for the example, the tests and this bench)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "unet.py"
+    spec = importlib.util.spec_from_file_location("_mixfx_example_unet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def forward(self, x):
-        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
 
-
-class UNet(nn.Module):
-    """Zero-padded U-Net (Ronneberger et al. with 'same' convs): 4 max-pool downsamplings,
-    resample-up (nearest, bilinear or transposed conv), skip concatenations over channels."""
-
-    def __init__(self, c: int = 16, depth: int = 4, up: str = "bilinear", out: int = 2):
-        super().__init__()
-        self.up = up
-        self.downs, self.ups, self.tconvs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        ch, skips = 3, []
-        for d in range(depth):
-            self.downs.append(Block(ch, c * 2 ** d))
-            ch = c * 2 ** d
-            skips.append(ch)
-        self.mid = Block(ch, 2 * ch)
-        ch *= 2
-        for d in reversed(range(depth)):
-            if up == "tconv":
-                self.tconvs.append(nn.ConvTranspose2d(ch, ch, 2, stride=2))
-            self.ups.append(Block(ch + skips[d], skips[d]))
-            ch = skips[d]
-        self.out = nn.Conv2d(ch, out, 1)
-
-    def forward(self, x):
-        skips = []
-        for block in self.downs:
-            x = block(x)
-            skips.append(x)
-            x = F.max_pool2d(x, 2)
-        x = self.mid(x)
-        for i, block in enumerate(self.ups):
-            x = self.tconvs[i](x) if self.up == "tconv" else F.interpolate(x, scale_factor=2, mode=self.up)
-            x = block(torch.cat([x, skips.pop()], 1))
-        return self.out(x)
+_unet = _load_unet()
+UNet = _unet.UNet
 
 
 def build(channels: int, up: str) -> nn.Module:
     torch.manual_seed(0)
-    model = UNet(c=channels, up=up)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return _unet.randomise_norm_statistics(UNet(c=channels, up=up), 0.2)
 
 
 def sliding_window_average(model: nn.Module, x: torch.Tensor, roi: int, overlap: float) -> torch.Tensor:

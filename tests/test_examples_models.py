@@ -35,6 +35,7 @@ EXPECTED = {
     "vit_interp_pos": ("polymorphic", (1, 10), 32),
     "convnext_block": ("convolutional", (1, 10), 32),
     "swin_windowed": ("convolutional", (1, 10), 28),
+    "unet": ("convolutional", None, 16),
 }
 
 FCN_CLASSES = 5

@@ -10,67 +10,25 @@ from torch import nn
 import mixfx
 from mixfx.tiling import NotTileableError
 
+from test_examples_models import load_example
+
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-class Block(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o)
-        self.c2, self.b2 = nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o)
-
-    def forward(self, x):
-        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
-
-
-class UNet(nn.Module):
-    """Zero-padded U-Net: max-pool down, resample up, skip concatenations."""
-
-    def __init__(self, up: str = "nearest", c: int = 4, depth: int = 3):
-        super().__init__()
-        self.up = up
-        self.downs, self.ups, self.tconvs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        ch, skips = 3, []
-        for d in range(depth):
-            self.downs.append(Block(ch, c * 2 ** d))
-            ch = c * 2 ** d
-            skips.append(ch)
-        self.mid = Block(ch, 2 * ch)
-        ch *= 2
-        for d in reversed(range(depth)):
-            if up == "tconv":
-                self.tconvs.append(nn.ConvTranspose2d(ch, ch, 2, stride=2))
-            self.ups.append(Block(ch + skips[d], skips[d]))
-            ch = skips[d]
-        self.out = nn.Conv2d(ch, 2, 1)
-
-    def forward(self, x):
-        skips = []
-        for block in self.downs:
-            x = block(x)
-            skips.append(x)
-            x = F.max_pool2d(x, 2)
-        x = self.mid(x)
-        for i, block in enumerate(self.ups):
-            x = self.tconvs[i](x) if self.up == "tconv" else F.interpolate(x, scale_factor=2, mode=self.up)
-            x = block(torch.cat([x, skips.pop()], 1))
-        return self.out(x)
+_unet = load_example("unet")
+UNet, Block = _unet.UNet, _unet.Block
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2)
-    return model.eval()
+    return _unet.randomise_norm_statistics(model, 0.5)
 
 
 @pytest.mark.parametrize("up", ["nearest", "bilinear", "tconv"])
 def test_padded_unet_tiled_equals_whole(up):
     torch.manual_seed(0)
-    model = _randomise_bn(UNet(up))
+    model = _randomise_bn(UNet(c=4, depth=3, up=up))
     x = torch.randn(1, 3, 136, 200)  # not a multiple of the tile: the last tiles are partial
     with torch.no_grad():
         ref = model(x)
