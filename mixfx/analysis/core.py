@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from mixfx.analysis import locality, size_search
+from mixfx.analysis import index_bounds, locality, size_search
 from mixfx.analysis.graph_mixing import GraphMixingStage
 from mixfx.analysis.guards import GuardStage
 from mixfx.analysis.head import HeadStage
@@ -107,9 +107,13 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         # fixed means fixed: which other sizes does the eager model run at?
         t0 = time.perf_counter()
-        search = self._size_search(constraints)
-        running = search.running
+        with index_bounds.collect() as reads:
+            search = self._size_search(constraints)
         self.timings["size_search_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.bounds = self._index_bounds(reads, search)
+        running = search.running
+        self.timings["index_bounds_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         sizes = self._spatial_sizes(running)
@@ -156,6 +160,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         fixed = bool(rigid)
         kept, dropped_constraints = self._final_constraints(constraints, rigid, search)
+        if not fixed:
+            kept += [b.text() for b in self.bounds]
         kept = list(dict.fromkeys(self.pinned_constraints + kept))
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
@@ -203,6 +209,24 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             self.probes.setdefault(p.input_shape, p)
         self.search = search
         return search
+
+    def _index_bounds(self, reads: list[index_bounds.IndexRead],
+                      search: size_search.SizeSearch) -> list[index_bounds.IndexBound]:
+        """Upper bounds from index reads that grow with the input size into a table that does not
+        (meta runs cannot see them); where the size search found too few sizes that run, more
+        within the bounds."""
+        if not index_bounds.size_dependent(reads) or not self.dim_names:
+            return []
+        bounds = index_bounds.find_bounds(self.probe, self.example, self.dim_names)
+        if bounds:
+            self.notes.append(index_bounds.note(bounds))
+        if bounds and len(search.running) < 2:
+            for shape in index_bounds.sizes_within(self.example, bounds, self.dim_names):
+                if search.probe_at(shape) is None:
+                    search.probes.append(self.probe(shape))
+                if len(search.running) >= 2:
+                    break
+        return bounds
 
     def _spatial_sizes(self, running: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Sizes for the graph runs that decide which node depends on the input size: one that runs,
