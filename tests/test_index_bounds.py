@@ -125,3 +125,22 @@ def test_mvitv2_runs_up_to_its_relative_position_tables():
     assert "H <= 224" in texts and "W <= 224" in texts, r.constraints
     ran = [tuple(c.input_shape) for c in r.concrete_checks if c.ok and c.input_shape != [1, 3, 224, 224]]
     assert ran and all(runs_at(model, s) for s in ran[:2])
+
+
+def test_export_spec_keeps_the_bound_and_verifies_within_it():
+    """torch.export's Dim gets the bound as its max, and the sizes export verifies at run eagerly."""
+    from mixfx.export_shapes import derive_export_shapes
+
+    torch.manual_seed(0)
+    model = RelPosAttention().eval()
+    spec = derive_export_shapes(model, torch.randn(EXAMPLE))
+    assert [d.max_size for d in spec.dims] == [35, 51]
+    others = spec.other_sizes()
+    assert others and all(runs_at(model, s) for s in others)
+
+
+def test_upper_bounds_read_back_from_constraint_texts():
+    bound = index_bounds.IndexBound("H", 35, 36, "IndexError: ...", "blocks.0.attn")
+    loose = index_bounds.IndexBound("W", 51, 60, "IndexError: ...")
+    texts = [bound.text(), loose.text(), "H % 4 == 0"]
+    assert index_bounds.upper_bounds(texts) == {"H": 35, "W": 59}

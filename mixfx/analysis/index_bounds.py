@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 # elements of a constant-valued tensor kept with its real value (index tables, masks); larger
 # ones stay meta-only (no value, no check)
@@ -131,6 +132,50 @@ def _on_cpu(v: Any) -> Any:
     return v
 
 
+_NOT_RUN = object()
+# in-place ops that change a tensor's shape (the others keep it: the meta tensor needs no run)
+_META_INPLACE = frozenset({"resize_", "resize_as_", "unsqueeze_", "squeeze_", "transpose_", "t_", "as_strided_",
+                           "set_", "swapdims_", "swapaxes_"})
+
+
+def _estimate(args: Sequence[Any], kwargs: dict) -> int:
+    """Elements of an op's output, roughly: the broadcast of its inputs' shapes."""
+    tensors = _tensor_leaves(args, kwargs)
+    try:
+        return math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
+    except Exception:  # noqa: BLE001 - not broadcastable (cat, matmul): their total
+        return sum(t.numel() for t in tensors)
+
+
+def _lands_on_meta(name: str, args: Sequence[Any], kwargs: dict) -> bool:
+    """Whether the eager meta forward's output of this call is on the meta device (it has a meta
+    input) rather than on the host."""
+    if name in _TO_HOST:
+        return False
+    if name == "to":
+        for a in (*args[1:], *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                return a.is_meta
+            if isinstance(a, (str, torch.device)) and str(a) in ("cpu", "meta") or isinstance(a, torch.device):
+                return torch.device(a).type == "meta"
+    return True
+
+
+def _twins(real: Any, same: dict[int, torch.Tensor]) -> Any:
+    if isinstance(real, torch.Tensor):
+        got = same.get(id(real))
+        if got is not None:
+            return got
+        return torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device="meta")
+    if isinstance(real, (list, tuple)):
+        items = [_twins(r, same) for r in real]
+        try:
+            return type(real)(items)  # list, tuple, torch.return_types
+        except TypeError:
+            return type(real)(*items)  # a namedtuple
+    return real
+
+
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
     """A real tensor of `t`'s shape and dtype that costs no memory (its values are not read)."""
     return torch.zeros((), dtype=t.dtype).expand(t.shape)
@@ -165,10 +210,39 @@ class IndexValues(TorchFunctionMode):
         if name == "__get__":  # a property (`.shape`, `.device`): no values involved
             return func(*args, **kwargs)
         tensors = _tensor_leaves(args, kwargs)
+        if tensors and not any(id(t) in self.values for t in tensors):
+            return func(*args, **kwargs)  # reads no value we know: nothing to compute or check
         if not tensors:
             out = func(*args, **kwargs)
-            # a factory on the meta device (`torch.arange(n, device=x.device)`): a constant
-            return self._constant(func, args, kwargs, out) if _has_meta(out) else out
+            # the modes below (the shape shortcuts) would see every `.is_meta` asked here: not them
+            with torch._C.DisableTorchFunction():
+                if _has_meta(out):  # a factory on the meta device (`torch.arange(n, device=x.device)`)
+                    return self._constant(func, args, kwargs, out)
+                self._remember_real(out)  # `torch.arange(n)`: known, and may go to the meta device
+            return out
+        with torch._C.DisableTorchFunction():
+            route = self._route(name, tensors)
+            if route == "constant":
+                got = self._constant(func, args, kwargs)
+                if got is not _NOT_RUN:
+                    return got
+                route = "mixed"
+        out = func(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            if route == "real":
+                self._remember_real(out)
+            else:
+                self._after(func, name, args, kwargs, out)
+        return out
+
+    def _remember_real(self, out: Any) -> None:
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() <= VALUE_LIMIT:
+                self.values[id(t)] = (t, t)
+
+    def _route(self, name: str, tensors: list[torch.Tensor]) -> str:
+        """constant (every value it reads is known, one is meta), real (real tensors only),
+        mixed (reads a value we do not know)."""
         if name in _OTHERS_METADATA_ONLY:
             values = tensors[:1]
         elif name in _SELF_METADATA_ONLY:
@@ -176,62 +250,54 @@ class IndexValues(TorchFunctionMode):
         else:
             values = tensors
         if all(self._known(t) for t in values):
-            if not any(t.is_meta for t in tensors):
-                return func(*args, **kwargs)  # real tensors only: it computes for real anyway
-            return self._constant(func, args, kwargs)
-        out = func(*args, **kwargs)
-        if self.values:
-            if name in INDEXING and any(t.is_meta and id(t) in self.values or not t.is_meta for t in tensors):
-                self._check(func, name, args, kwargs, out)
-            if (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))) \
-                    and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.values:
-                self._forget(args[0])  # written with values we do not know
-        return out
+            return "constant" if any(t.is_meta for t in tensors) else "real"
+        return "mixed"
+
+    def _after(self, func, name: str, args, kwargs, out: Any) -> None:
+        """A call that read unknown values: check its indices, forget what it overwrote."""
+        if name in INDEXING and any(self._known(t) for t in _tensor_leaves(args, kwargs)):
+            self._check(func, name, args, kwargs, out)
+        if (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))) \
+                and args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.values:
+            self._forget(args[0])  # written with values we do not know
 
     # -- constants --------------------------------------------------------------------------------
     def _constant(self, func, args, kwargs, out: Any = None) -> Any:
-        """Run a call whose inputs are all known on meta tensors (the shapes) and, when small, on
-        their real values; pair the two."""
+        """A call whose inputs are all known: run it on their real values (small tensors: C++
+        speed, where meta kernels of such small ops are slow Python), and give its outputs meta
+        twins (`out`, the meta result of a factory, when there is one). NOT_RUN where too large
+        or where the real run fails for a reason other than an index bound."""
         name = _name(func)
-        meta_error: Exception | None = None
-        if out is None:
-            try:
-                with torch._C.DisableTorchFunction():
-                    out = func(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - meta cannot run it (item(), nonzero): the real value can
-                meta_error = exc
-        if meta_error is None and _numel(out) > VALUE_LIMIT:
-            return out
+        if (out is not None and _numel(out) > VALUE_LIMIT) or (out is None and _estimate(args, kwargs) > VALUE_LIMIT):
+            return _NOT_RUN if out is None else out
         real_args, real_kwargs = tree_map(self._real, (args, kwargs))
         try:
-            with torch._C.DisableTorchFunction():
-                real = func(*real_args, **real_kwargs)
+            real = func(*real_args, **real_kwargs)
         except Exception as exc:  # noqa: BLE001
             if is_bound_error(str(exc)):
                 self._log(name, args, kwargs, str(exc))
                 raise
-            if meta_error is not None:
-                raise meta_error from None
-            return out  # a failure we cannot place: meta semantics, as before
-        if meta_error is not None:
-            if name in _TO_HOST or not _has_meta(args) and not isinstance(real, torch.Tensor):
-                return real
-            if _numel(real) > VALUE_LIMIT:
-                raise meta_error
-            out = tree_map(lambda r: torch.empty_strided(r.shape, r.stride(), dtype=r.dtype, device="meta")
-                           if isinstance(r, torch.Tensor) else r, real)
+            return _NOT_RUN if out is None else out  # a failure we cannot place: meta semantics, as before
         if name in INDEXING:
             self._log(name, args, kwargs, None)
-        metas, spec = tree_flatten(out)
-        reals, real_spec = tree_flatten(real)
-        if spec != real_spec:
-            return out
-        for m, r in zip(metas, reals):
-            if isinstance(m, torch.Tensor) and m.is_meta and isinstance(r, torch.Tensor) and m.shape == r.shape:
-                self.values[id(m)] = (m, r)
-        if not _has_meta(out) and name in _TO_HOST:
-            return real
+        if out is None:
+            if not _lands_on_meta(name, args, kwargs):
+                return real  # `.item()`, `.tolist()`, `.cpu()`: the value itself
+            if name in _META_INPLACE:
+                func(*args, **kwargs)  # the meta tensor's own shape changes too
+            # outputs that are inputs (in-place ops, `x.to(x.dtype)`) stay the same object
+            same = {id(self._real(t)): t for t in _tensor_leaves(args, kwargs) if t.is_meta}
+            out = _twins(real, same)
+        self._pair(out, real)
         return out
+
+    def _pair(self, out: Any, real: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            if out.is_meta and isinstance(real, torch.Tensor) and out.shape == real.shape and real.numel() <= VALUE_LIMIT:
+                self.values[id(out)] = (out, real)
+        elif isinstance(out, (list, tuple)) and isinstance(real, (list, tuple)) and len(out) == len(real):
+            for m, r in zip(out, real):
+                self._pair(m, r)
 
     def _forget(self, t: torch.Tensor) -> None:
         """Drop the value of `t` and of every known tensor sharing its real storage."""
@@ -415,9 +481,15 @@ def sizes_within(example: Sequence[int], bounds: Sequence[IndexBound], names: Se
     return out[:limit]
 
 
-@dataclass
-class BoundSearch:
-    """What the analyser keeps of this stage."""
+_TEXT = re.compile(r"^(\w+) (<=|<) (\d+) \(index bound")
 
-    reads: list[IndexRead] = field(default_factory=list)
-    bounds: list[IndexBound] = field(default_factory=list)
+
+def upper_bounds(constraints: Sequence[str]) -> dict[str, int]:
+    """The largest size per dim that the index bounds among a report's constraints allow."""
+    out: dict[str, int] = {}
+    for text in constraints:
+        m = _TEXT.match(text)
+        if m:
+            largest = int(m.group(3)) - (m.group(2) == "<")
+            out[m.group(1)] = min(largest, out.get(m.group(1), largest))
+    return out
