@@ -212,10 +212,11 @@ class IndexValues(TorchFunctionMode):
         tensors = _tensor_leaves(args, kwargs)
         if tensors and not any(id(t) in self.values for t in tensors):
             return func(*args, **kwargs)  # reads no value we know: nothing to compute or check
+        # below, the modes under this one (the shape shortcuts) are kept out: they would answer
+        # `.is_meta` asked here, and give real tensors shape-only (uninitialised) results
         if not tensors:
-            out = func(*args, **kwargs)
-            # the modes below (the shape shortcuts) would see every `.is_meta` asked here: not them
             with torch._C.DisableTorchFunction():
+                out = func(*args, **kwargs)
                 if _has_meta(out):  # a factory on the meta device (`torch.arange(n, device=x.device)`)
                     return self._constant(func, args, kwargs, out)
                 self._remember_real(out)  # `torch.arange(n)`: known, and may go to the meta device
@@ -227,12 +228,14 @@ class IndexValues(TorchFunctionMode):
                 if got is not _NOT_RUN:
                     return got
                 route = "mixed"
+        if route == "real":  # real tensors only: computed as the eager forward would
+            with torch._C.DisableTorchFunction():
+                out = func(*args, **kwargs)
+                self._remember_real(out)
+            return out
         out = func(*args, **kwargs)
         with torch._C.DisableTorchFunction():
-            if route == "real":
-                self._remember_real(out)
-            else:
-                self._after(func, name, args, kwargs, out)
+            self._after(func, name, args, kwargs, out)
         return out
 
     def _remember_real(self, out: Any) -> None:
