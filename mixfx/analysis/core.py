@@ -228,6 +228,14 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                     break
         return bounds
 
+    def _divisibility_base(self, search: size_search.SizeSearch) -> tuple[int, ...]:
+        """Where the divisibility search steps up from: the example, or under index bounds (every
+        step up from the example may break one) the smallest sizes that ran, where they run."""
+        if not self.bounds or not search.running:
+            return self.example
+        low = tuple(min(s[k] for s in (self.example, *search.running)) for k in range(len(self.example)))
+        return low if low != self.example and self.probe(low).ok else self.example
+
     def _spatial_sizes(self, running: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Sizes for the graph runs that decide which node depends on the input size: one that runs,
         plus a much larger one when the example is small (at 8x8 a stride-32 map is 1x1 at every
@@ -480,7 +488,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         if self.cut_short:
             # the guards seen before the budget ran out are a partial list: divisibility comes
             # from the size search instead
-            found = size_search.divisibility(self.eager, self.example, self.dim_names, search)
+            found = size_search.divisibility(self.eager, self._divisibility_base(search), self.dim_names, search)
             for p in search.probes:
                 self.probes.setdefault(p.input_shape, p)
             partial = [t for t in readable if "%" in t]
