@@ -133,6 +133,17 @@ def _on_cpu(v: Any) -> Any:
 
 
 _NOT_RUN = object()
+
+
+@contextlib.contextmanager
+def _only_bound_errors() -> Iterator[None]:
+    """Bookkeeping that fails (an op this module does not foresee) leaves the forward as it was
+    without it; an index past its end is the one error it raises."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001
+        if is_bound_error(str(exc)):
+            raise
 # in-place ops that change a tensor's shape (the others keep it: the meta tensor needs no run)
 _META_INPLACE = frozenset({"resize_", "resize_as_", "unsqueeze_", "squeeze_", "transpose_", "t_", "as_strided_",
                            "set_", "swapdims_", "swapaxes_"})
@@ -217,25 +228,28 @@ class IndexValues(TorchFunctionMode):
         if not tensors:
             with torch._C.DisableTorchFunction():
                 out = func(*args, **kwargs)
-                if _has_meta(out):  # a factory on the meta device (`torch.arange(n, device=x.device)`)
-                    return self._constant(func, args, kwargs, out)
-                self._remember_real(out)  # `torch.arange(n)`: known, and may go to the meta device
+                with _only_bound_errors():
+                    if _has_meta(out):  # a factory on the meta device (`torch.arange(n, device=x.device)`)
+                        return self._constant(func, args, kwargs, out)
+                    self._remember_real(out)  # `torch.arange(n)`: known, and may go to the meta device
             return out
-        with torch._C.DisableTorchFunction():
+        route = "plain"
+        with _only_bound_errors(), torch._C.DisableTorchFunction():
             route = self._route(name, tensors)
             if route == "constant":
+                route = "mixed"
                 got = self._constant(func, args, kwargs)
                 if got is not _NOT_RUN:
                     return got
-                route = "mixed"
         if route == "real":  # real tensors only: computed as the eager forward would
             with torch._C.DisableTorchFunction():
                 out = func(*args, **kwargs)
                 self._remember_real(out)
             return out
         out = func(*args, **kwargs)
-        with torch._C.DisableTorchFunction():
-            self._after(func, name, args, kwargs, out)
+        if route == "mixed":
+            with _only_bound_errors(), torch._C.DisableTorchFunction():
+                self._after(func, name, args, kwargs, out)
         return out
 
     def _remember_real(self, out: Any) -> None:
