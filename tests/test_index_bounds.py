@@ -60,6 +60,8 @@ def test_relative_position_tables_bound_both_dims_exactly():
     assert r.classification == "polymorphic", r.summary  # global attention; it runs at other sizes
     texts = [c.split(" (")[0] for c in r.constraints]
     assert f"H <= {largest_h}" in texts and f"W <= {largest_w}" in texts, r.constraints
+    assert runs_at(model, (1, 3, largest_h, largest_w))  # the two bounds are independent
+    assert not any(n.startswith("The index bounds are joint") for n in r.notes)
     # every size the report says runs does run, and those it says fail do fail
     for check in r.concrete_checks:
         assert runs_at(model, tuple(check.input_shape)) == check.ok, check.input_shape
@@ -144,3 +146,19 @@ def test_upper_bounds_read_back_from_constraint_texts():
     loose = index_bounds.IndexBound("W", 51, 60, "IndexError: ...")
     texts = [bound.text(), loose.text(), "H % 4 == 0"]
     assert index_bounds.upper_bounds(texts) == {"H": 35, "W": 59}
+
+
+def test_a_bound_on_the_cell_count_is_said_to_be_joint():
+    """h * w <= 128 cells: with W at the example (10 cells wide) H runs to 51, with H at the
+    example (8 cells high) W runs to 67, and both at once fail."""
+    from index_bound_models import FlatPositionTable
+
+    torch.manual_seed(0)
+    model = FlatPositionTable().eval()
+    largest_h = _eager_largest(model, 0, 32, 80)
+    largest_w = _eager_largest(model, 1, 40, 100)
+    assert not runs_at(model, (1, 3, largest_h, largest_w))
+    r = mixfx.analyze(model, torch.randn(EXAMPLE))
+    texts = [c.split(" (")[0] for c in r.constraints]
+    assert f"H <= {largest_h}" in texts and f"W <= {largest_w}" in texts, r.constraints
+    assert any(n.startswith("The index bounds are joint") for n in r.notes), r.notes

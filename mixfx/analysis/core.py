@@ -220,6 +220,15 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         bounds = index_bounds.find_bounds(self.probe, self.example, self.dim_names)
         if bounds:
             self.notes.append(index_bounds.note(bounds))
+        if len(bounds) > 1:  # each was found with the other dims at the example: do they hold together?
+            corner = list(self.example)
+            for b in bounds:
+                corner[2 + self.dim_names.index(b.dim)] = b.largest
+            got = self.probe(tuple(corner))
+            if not got.ok and index_bounds.is_bound_error(got.error):
+                self.notes.append(f"The index bounds are joint: at {'x'.join(map(str, corner[2:]))} (each dim at its "
+                                  f"bound) an index read still fails ({got.error}); each bound holds with the other "
+                                  "dims at the example.")
         if bounds and len(search.running) < 2:
             for shape in index_bounds.sizes_within(self.example, bounds, self.dim_names):
                 if search.probe_at(shape) is None:
