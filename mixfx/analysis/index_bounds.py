@@ -310,7 +310,8 @@ class IndexValues(TorchFunctionMode):
 
     def _pair(self, out: Any, real: Any) -> None:
         if isinstance(out, torch.Tensor):
-            if out.is_meta and isinstance(real, torch.Tensor) and out.shape == real.shape and real.numel() <= VALUE_LIMIT:
+            if out.is_meta and isinstance(real, torch.Tensor) and out.shape == real.shape \
+                    and real.numel() <= VALUE_LIMIT:
                 self.values[id(out)] = (out, real)
         elif isinstance(out, (list, tuple)) and isinstance(real, (list, tuple)) and len(out) == len(real):
             for m, r in zip(out, real):
