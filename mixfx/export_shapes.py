@@ -357,6 +357,11 @@ def derive_export_shapes(
     symbols = run.symbols
     preds: list[tuple[Callable[..., bool], set[str]]] = [
         (_predicate(e, symbols), free_input_symbols(e, symbols)) for e in _requirements(run, symbols, spec.notes)]
+    from mixfx.analysis.index_bounds import upper_bounds
+
+    for name, largest in upper_bounds(report.constraints).items():  # invisible to the symbolic run
+        if name in symbols:
+            preds.append((lambda name=name, largest=largest, **sizes: sizes[name] <= largest, {name}))
     example = {name: shape[2 + i] for i, name in enumerate(symbols)}
     # every recorded guard holds at the example by construction: one that reads False there is
     # one the printed-Python route cannot evaluate (mobilevit's), and says nothing

@@ -245,11 +245,15 @@ def _leaf_config(mod: nn.Module) -> Any:
 
 def eager_meta_forward(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Any:
     """The eager model's output on a meta input of `input_shape`, with meta weights and the
-    shape shortcuts: no compute, no weight copies, milliseconds even for large models. Raises
-    whatever the model raises (its own size checks, or ops that cannot run on meta tensors:
-    `classify_exception` tells which)."""
+    shape shortcuts: no compute, no weight copies, milliseconds even for large models. Indices
+    computed from sizes are checked against what they index, as the eager forward does
+    (`mixfx.analysis.index_bounds`). Raises whatever the model raises (its own size checks, or
+    ops that cannot run on meta tensors: `classify_exception` tells which)."""
+    from mixfx.analysis.index_bounds import IndexValues  # meta tensors do not check index bounds: this does
+
     x = torch.empty(tuple(input_shape), dtype=dtype, device="meta")
-    with meta_weights(model), shortcut_forwards(model), _FunctionShortcuts(), torch.no_grad():
+    with meta_weights(model), shortcut_forwards(model), _FunctionShortcuts(), IndexValues(input_shape), \
+            torch.no_grad():
         return model(x)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from mixfx.analysis import locality, size_search
+from mixfx.analysis import index_bounds, locality, size_search
 from mixfx.analysis.graph_mixing import GraphMixingStage
 from mixfx.analysis.guards import GuardStage
 from mixfx.analysis.head import HeadStage
@@ -107,9 +107,13 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         # fixed means fixed: which other sizes does the eager model run at?
         t0 = time.perf_counter()
-        search = self._size_search(constraints)
-        running = search.running
+        with index_bounds.collect() as reads:
+            search = self._size_search(constraints)
         self.timings["size_search_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.bounds = self._index_bounds(reads, search)
+        running = search.running
+        self.timings["index_bounds_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         sizes = self._spatial_sizes(running)
@@ -156,6 +160,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
 
         fixed = bool(rigid)
         kept, dropped_constraints = self._final_constraints(constraints, rigid, search)
+        if not fixed:
+            kept += [b.text() for b in self.bounds]
         kept = list(dict.fromkeys(self.pinned_constraints + kept))
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
@@ -203,6 +209,41 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             self.probes.setdefault(p.input_shape, p)
         self.search = search
         return search
+
+    def _index_bounds(self, reads: list[index_bounds.IndexRead],
+                      search: size_search.SizeSearch) -> list[index_bounds.IndexBound]:
+        """Upper bounds from index reads that grow with the input size into a table that does not
+        (meta runs cannot see them); where the size search found too few sizes that run, more
+        within the bounds."""
+        if not index_bounds.size_dependent(reads) or not self.dim_names:
+            return []
+        bounds = index_bounds.find_bounds(self.probe, self.example, self.dim_names)
+        if bounds:
+            self.notes.append(index_bounds.note(bounds))
+        if len(bounds) > 1:  # each was found with the other dims at the example: do they hold together?
+            corner = list(self.example)
+            for b in bounds:
+                corner[2 + self.dim_names.index(b.dim)] = b.largest
+            got = self.probe(tuple(corner))
+            if not got.ok and index_bounds.is_bound_error(got.error):
+                self.notes.append(f"The index bounds are joint: at {'x'.join(map(str, corner[2:]))} (each dim at its "
+                                  f"bound) an index read still fails ({got.error}); each bound holds with the other "
+                                  "dims at the example.")
+        if bounds and len(search.running) < 2:
+            for shape in index_bounds.sizes_within(self.example, bounds, self.dim_names):
+                if search.probe_at(shape) is None:
+                    search.probes.append(self.probe(shape))
+                if len(search.running) >= 2:
+                    break
+        return bounds
+
+    def _divisibility_base(self, search: size_search.SizeSearch) -> tuple[int, ...]:
+        """Where the divisibility search steps up from: the example, or under index bounds (every
+        step up from the example may break one) the smallest sizes that ran, where they run."""
+        if not self.bounds or not search.running:
+            return self.example
+        low = tuple(min(s[k] for s in (self.example, *search.running)) for k in range(len(self.example)))
+        return low if low != self.example and self.probe(low).ok else self.example
 
     def _spatial_sizes(self, running: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Sizes for the graph runs that decide which node depends on the input size: one that runs,
@@ -456,7 +497,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         if self.cut_short:
             # the guards seen before the budget ran out are a partial list: divisibility comes
             # from the size search instead
-            found = size_search.divisibility(self.eager, self.example, self.dim_names, search)
+            found = size_search.divisibility(self.eager, self._divisibility_base(search), self.dim_names, search)
             for p in search.probes:
                 self.probes.setdefault(p.input_shape, p)
             partial = [t for t in readable if "%" in t]
