@@ -62,6 +62,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.example_log: locality.OpLog | None = None
         self.specialised = False  # the graph was exported at the example size only
         self.pinned_constraints: list[str] = []  # pins of some dims only, where the others vary
+        self.square_only = False  # the size search ran square sizes only (set by run)
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
@@ -109,6 +110,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         t0 = time.perf_counter()
         search = self._size_search(constraints)
         running = search.running
+        self.square_only = search.square_only  # H == W: the guards' counterexamples keep it
         self.timings["size_search_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -157,6 +159,11 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         fixed = bool(rigid)
         kept, dropped_constraints = self._final_constraints(constraints, rigid, search)
         kept = list(dict.fromkeys(self.pinned_constraints + kept))
+        if search.square_only and not fixed:
+            kept.insert(0, " == ".join(self.dim_names))
+            self.notes.append(f"The model runs at square sizes only ({', '.join('x'.join(map(str, s[2:])) for s in running)}; "
+                              "none with H != W ran): it takes a grid's side from a token count, so it requires "
+                              f"{' == '.join(self.dim_names)}.")
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
         if fixed:

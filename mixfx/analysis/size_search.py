@@ -6,7 +6,8 @@ to the example size. So every "does it run at this size" question is asked of th
 on meta tensors (milliseconds: no compute, no weight memory; a real forward only where meta
 tensors cannot run and the weights are real), over a list of candidates built from common strides
 and windows: the example +-32/16/8, x1.5, x2, multiples of 7*32 and 14*16, never size 1, H != W.
-A model is `fixed` only when none of them runs.
+A model is `fixed` only when none of them runs, also at square sizes: a model that takes a grid's
+side from a token count (`int(sqrt(N))`) runs at square sizes only, which is a constraint (`H == W`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Probe:
 class SizeSearch:
     example: tuple[int, ...]
     probes: list[Probe] = field(default_factory=list)
+    # no size with H != W ran, square ones did (`H == W` is required): set by `search`
+    square_only: bool = False
 
     @property
     def running(self) -> list[tuple[int, ...]]:
@@ -169,7 +172,25 @@ def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probe
         result.probes.append(probe(model, shape))
         if len(result.running) >= want:
             break
+    if not result.running:
+        for shape in square_candidates(example):
+            result.probes.append(probe(model, shape))
+            if len(result.running) >= want:
+                break
+        result.square_only = bool(result.running)
     return result
+
+
+def square_candidates(example: Sequence[int]) -> list[tuple[int, ...]]:
+    """For a square example where no other size ran: square sizes, x2 and x3 (every divisibility
+    the example meets is kept) and x1.5. Nothing for a non-square example (it already runs
+    with H != W)."""
+    spatial = [int(s) for s in example[2:]]
+    if len(spatial) < 2 or len(set(spatial)) != 1:
+        return []
+    side = spatial[0]
+    sides = dict.fromkeys((2 * side, 3 * side, side * 3 // 2))
+    return [(*example[:2], *([s] * len(spatial))) for s in sides if s >= 2 and s != side]
 
 
 def _safe(pred: Callable[[tuple[int, ...]], bool], shape: tuple[int, ...]) -> bool:
