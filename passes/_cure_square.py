@@ -47,7 +47,7 @@ def square_sizes(example_shape: Sequence[int], step: int = 32) -> list[tuple[int
     needs them)."""
     shape = tuple(example_shape)
     side = max(shape[2:])
-    sides = [s for s in (side - step, side + step, 2 * side, 3 * side) if s > max(step, side // 2)]
+    sides = [s for s in (side - step, side + step, 2 * side, 3 * side) if s > side // 2]
     return [shape[:2] + (s,) * (len(shape) - 2) for s in dict.fromkeys(sides)]
 
 
