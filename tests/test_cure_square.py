@@ -206,3 +206,30 @@ def test_square_grid_does_not_hide_a_node_without_cure():
         mixfx.rewrite(model, to="polymorphic", example_input=torch.randn(1, 3, 32, 32))
     assert [u.module for u in info.value.nodes] == ["tokens"]
     assert "token mixing" in info.value.message
+
+
+@pytest.mark.slow
+def test_convit_cured_equals_timm_built_at_the_square_size():
+    """timm's ConViT takes the grid side of its gated attention from sqrt(N): cured with H == W;
+    at 256x256 equal to timm's own ConViT built for 256 (its table resampled by timm's
+    `resample_abs_pos_embed`, same weights); it fails at 224x256."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    result = mixfx.rewrite(model, to="polymorphic", example_input=x)
+    assert result.classification_before == "fixed" and result.classification_after == "polymorphic"
+    assert result.constraints[0] == "H == W"
+    assert {c.module for c in result.changes} == {"patch_embed", "pos_embed"}
+    reference = timm.create_model("convit_tiny", pretrained=False, img_size=256).eval()
+    state = model.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [16, 16], [14, 14], num_prefix_tokens=0)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
+        y = torch.randn(1, 3, 256, 256)
+        want = reference(y)
+        assert (result.module(y) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert not _runs(result.module, (1, 3, 224, 256))
