@@ -160,10 +160,11 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         kept, dropped_constraints = self._final_constraints(constraints, rigid, search)
         kept = list(dict.fromkeys(self.pinned_constraints + kept))
         if search.square_only and not fixed:
-            kept.insert(0, " == ".join(self.dim_names))
-            self.notes.append(f"The model runs at square sizes only ({', '.join('x'.join(map(str, s[2:])) for s in running)}; "
-                              "none with H != W ran): it takes a grid's side from a token count, so it requires "
-                              f"{' == '.join(self.dim_names)}.")
+            square = " == ".join(self.dim_names)
+            kept.insert(0, square)
+            ran = ", ".join("x".join(map(str, s[2:])) for s in running)
+            self.notes.append(f"The model runs at square sizes only ({ran}; none with H != W ran): it requires "
+                              f"{square} (a grid's side taken from a token count, `int(sqrt(N))`, does).")
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
         if fixed:

@@ -79,11 +79,12 @@ def _has_real_weights(model: nn.Module) -> bool:
 REAL_FORWARD_LIMIT = 2_000_000 * 64 * 64
 
 
-def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Probe:
+def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+          confirm: bool = False) -> Probe:
     """Run the eager model once at `shape`; never raises. On meta tensors first; where the model
-    has real weights and the forward is affordable, a meta run that succeeds is confirmed by a
-    real one (meta tensors do not check index bounds: a position table indexed past its end
-    "runs"), and one that cannot run on meta tensors is replaced by it."""
+    has real weights and the forward is affordable (or `confirm`: whatever it costs), a meta run
+    that succeeds is confirmed by a real one (meta tensors do not check index bounds: a position
+    table indexed past its end "runs"), and one that cannot run on meta tensors is replaced by it."""
     shape = tuple(int(s) for s in shape)
     stack: list[str] = []
     try:
@@ -94,7 +95,7 @@ def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.flo
         meta = Probe(shape, False, _short(exc), stack[-1] if stack else None, classify_exception(exc))
         if meta.kind not in ("data_dependent", "unsupported"):
             return meta
-    if not _affordable(model, shape):
+    if not (_affordable(model, shape) or confirm and _has_real_weights(model)):
         return meta
     stack.clear()
     try:
@@ -173,23 +174,36 @@ def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probe
         if len(result.running) >= want:
             break
     if not result.running:
-        for shape in square_candidates(example):
-            result.probes.append(probe(model, shape))
-            if len(result.running) >= want:
-                break
-        result.square_only = bool(result.running)
+        _search_square(model, example, result)
     return result
 
 
+def _search_square(model: nn.Module, example: Sequence[int], result: SizeSearch) -> None:
+    """No size with H != W ran: does a square one? Each is confirmed by a real forward whatever it
+    costs (a meta run misses an index past a table's end, which no H != W size reached); the first
+    that runs, or fails for real, ends the search (one is enough: real forwards at x2, x3
+    cost). Where one runs, the x2 by x3 size (every divisibility the example meets, sides apart)
+    tells a square requirement from a divisibility the nearby sizes missed: a real one too."""
+    for shape in square_candidates(example):
+        got = probe(model, shape, confirm=True)
+        result.probes.append(got)
+        if got.ok or got.real:
+            break
+    if not result.running:
+        return
+    apart = (*example[:2], *(s * (2 + i) for i, s in enumerate(example[2:])))
+    result.probes.append(probe(model, apart, confirm=True))
+    result.square_only = not result.probes[-1].ok
+
+
 def square_candidates(example: Sequence[int]) -> list[tuple[int, ...]]:
-    """For a square example where no other size ran: square sizes, x2 and x3 (every divisibility
-    the example meets is kept) and x1.5. Nothing for a non-square example (it already runs
-    with H != W)."""
+    """For a square example: square sizes, smallest first (x1.5, then x2 and x3, which keep
+    every divisibility the example meets). Nothing for a non-square example (it runs with H != W)."""
     spatial = [int(s) for s in example[2:]]
     if len(spatial) < 2 or len(set(spatial)) != 1:
         return []
     side = spatial[0]
-    sides = dict.fromkeys((2 * side, 3 * side, side * 3 // 2))
+    sides = dict.fromkeys((side * 3 // 2, 2 * side, 3 * side))
     return [(*example[:2], *([s] * len(spatial))) for s in sides if s >= 2 and s != side]
 
 
