@@ -127,8 +127,10 @@ def bench_one(name: str) -> dict:
     try:
         result = rewrite_polymorphic(model, x, report_before=report)
         row["outcome"] = "cured"
-        row["causes"] = sorted({cause_of(c) for c in result.changes})
+        row["causes"] = sorted({cause_of(c) for c in result.changes}
+                               | ({"square grid (H == W)"} if "H == W" in result.constraints else set()))
         row["changes"] = len(result.changes)
+        row["constraints"] = list(result.constraints)
         row["after"] = result.classification_after
         row["max_abs_err_example"] = result.verification.max_abs_err
         sizes = [s.input_shape for s in result.verification.sizes[1:] if s.passed]

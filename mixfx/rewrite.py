@@ -53,9 +53,12 @@ class RewriteResult:
     rigid_before: list[str] = field(default_factory=list)
     rigid_after: list[str] = field(default_factory=list)
     score_map: Any = None  # --to fcn: passes.fcn.ScoreMap (stride, offset, output formula)
+    constraints: list[str] = field(default_factory=list)  # --to polymorphic: what the cured model requires
 
     def to_dict(self) -> dict:
         extra = {"score_map": self.score_map.to_dict()} if self.score_map is not None else {}
+        if self.constraints:
+            extra["constraints"] = list(self.constraints)
         return {
             "target": self.target,
             "passes": list(self.passes),
@@ -546,6 +549,7 @@ def rewrite_polymorphic(
     `report_before`: the model's analysis when the caller already has it."""
     from passes.cure import Cure
     from passes._cure_probe import probe_shape
+    from passes._cure_square import square_constraint, square_sizes
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -576,7 +580,11 @@ def rewrite_polymorphic(
 
         t0 = time.perf_counter()
         at_example = verify(model, gm, example_input, atol=0.0, rtol=POLYMORPHIC_RTOL)
+        # what the cure found the cured graph requires (`H == W`): the other sizes must meet it
+        required = list(dict.fromkeys(c for p in pipeline for c in getattr(p, "constraints", [])))
+        square = square_constraint(example_input.shape) in required
         candidates = ([tuple(s) for s in verify_sizes] if verify_sizes is not None
+                      else square_sizes(example_input.shape) if square
                       else _unique(second_sizes(example_input) + [probe_shape(example_input.shape)]))
         runs = _runs_at(gm, model, example_input, candidates, min_other_sizes)
         sizes = at_example.sizes[:1] + runs
@@ -594,10 +602,12 @@ def rewrite_polymorphic(
     after = getattr(report_after, "classification", None)
     if report_after is not None and report_after.constraints:
         notes.append("the cured model takes inputs with " + ", ".join(report_after.constraints))
+    constraints = list(dict.fromkeys(required + list(getattr(report_after, "constraints", None) or [])))
     out = RewriteResult(module=gm, target="polymorphic", changes=changes, notes=notes, verification=verification,
                         classification_before=before, classification_after=after,
                         passes=[getattr(p, "name", type(p).__name__) for p in pipeline], timings=timings,
-                        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after))
+                        rigid_before=_rigid(report_before), rigid_after=_rigid(report_after),
+                        constraints=constraints)
     problem = None
     if not at_example.passed:
         bad = at_example.sizes[0]

@@ -49,11 +49,14 @@ class Probe:
         return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
 
 
-def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int]) -> Probe:
+def run_probe(gm: torch.fx.GraphModule, example_shape: Sequence[int],
+              other_shape: Sequence[int] | None = None) -> Probe:
     """Both runs on meta tensors; on real tensors (random input, real compute) where the graph
     cannot run on meta ones (an op without a meta kernel, a tensor made on the CPU inside the
-    forward, e.g. `torch.arange(n)`)."""
-    shape, other = tuple(example_shape), probe_shape(example_shape)
+    forward, e.g. `torch.arange(n)`). `other_shape`: the second size (default `probe_shape`; a
+    square one where the graph runs on square grids only, `passes._cure_square`)."""
+    shape = tuple(example_shape)
+    other = tuple(other_shape) if other_shape is not None else probe_shape(example_shape)
     example = _meta_run(gm, shape)
     if _needs_real(example):
         return Probe(_propagate(gm, shape, real=True), _propagate(gm, other, real=True))
@@ -121,10 +124,22 @@ def constant_roots(node: Node) -> list[Node]:
 
 def _scaled_apart(probe: Probe, node: Node, dims: list[int]) -> bool:
     """The probe scales H by 2 and W by 3: a height and a width grow apart, while the two token
-    dims of an attention matrix `[.., N, N]` grow together (and are no grid)."""
+    dims of an attention matrix `[.., N, N]` grow together (and are no grid). A square probe
+    (for a graph that runs on square grids only) scales both sides alike: there a side grows like
+    the input's side, a token count like its area (x2 against x4)."""
     a, b = probe.shape(node), probe.shape(node, False)
     i, j = dims
-    return a[i] * b[j] != a[j] * b[i]
+    side = _square_scale(probe)
+    if side is None:
+        return a[i] * b[j] != a[j] * b[i]
+    return all(0 < a[d] and b[d] / a[d] < side ** 1.5 for d in (i, j))
+
+
+def _square_scale(probe: Probe) -> float | None:
+    """The factor a square probe scales every spatial side by; None for a probe that scales them apart."""
+    a, b = tuple(probe.example.input_shape)[2:], tuple(probe.other.input_shape)[2:]
+    ratios = {y / x for x, y in zip(a, b) if x}
+    return ratios.pop() if len(a) > 1 and len(ratios) == 1 and len(set(b)) == 1 else None
 
 
 def nearest_grids(node: Node, probe: Probe, limit: int = 50_000, most: int = 8) -> list[tuple[Node, tuple[int, int]]]:

@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from passes._cure_probe import Probe, constant_value, nearest_grids, value_depends_on_input
+from passes._cure_probe import Probe, constant_roots, constant_value, nearest_grids, value_depends_on_input
 
 
 def _border_index(n, n_example: int, device) -> torch.Tensor:
@@ -42,6 +42,12 @@ def _interior_is_uniform(value: torch.Tensor, dim: int, eh: int, ew: int) -> boo
     return rows_alike and cols_alike and eh >= 2 and ew >= 2
 
 
+def _is_learned(gm: GraphModule, table: Node) -> bool:
+    """Whether the table reads a parameter (masks are buffers built at construction)."""
+    params = {name for name, _ in gm.named_parameters()}
+    return any(str(r.target) in params for r in constant_roots(table))
+
+
 def cure_window_table(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     """The failing op combines per-window data with a constant table that has one entry per
     window of the example's window grid: the table rebuilt for the runtime grid."""
@@ -53,6 +59,8 @@ def cure_window_table(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     if len(data) != 1 or len(tables) != 1:
         return None
     data, table = data[0], tables[0]
+    if _is_learned(gm, table):  # a learned per-window table (NesT's per-block position embedding) is
+        return None            # no mask of borders: it is resampled (`passes._cure_pos`)
     shape, table_shape, changed = probe.shape(data), probe.shape(table), probe.changed_dims(data)
     if shape is None or table_shape is None or not changed or len(changed) != 1:
         return None

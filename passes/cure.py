@@ -6,7 +6,9 @@ runs there (or a node has no cure):
 - explicit size checks are dropped (`passes._cure_guard`);
 - a constant table added to tokens or a map is resampled to the runtime grid (`passes._cure_pos`);
 - view/reshape sizes and fold output sizes written as the example's constants are read from the
-  runtime shape (`passes._cure_sizes`).
+  runtime shape (`passes._cure_sizes`);
+- a node that takes the grid's side from a token count (`int(sqrt(N))`) runs on square grids only:
+  no cure, a constraint (`H == W`, `passes._cure_square`); the pass probes at a square size after it.
 Anything else that breaks (a weight over a fixed number of tokens, a flatten into a fixed-size
 Linear) has no polymorphic cure: `CureRefused` names each such node with why, nothing is changed.
 Equality at the example size, runs at other sizes and the re-analysis are checked by
@@ -25,10 +27,11 @@ from torch.fx import GraphModule, Node
 from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_concat_table, cure_position_add
-from passes._cure_probe import Probe, nearest_grids, probe_shape, run_probe
+from passes._cure_probe import Probe, nearest_grids, run_probe
 from passes._cure_relpos import cure_relative_bias
 from passes._cure_windows import cure_window_table
 from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe, splits_off_grid_count
+from passes._cure_square import passes_on_square, square_constraint
 from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
@@ -73,7 +76,9 @@ class Cure(RewritePass):
     dropped even where the probe size happens to pass them, and their module names and reasons
     label the changes and refusals. The probe stops at the first node without a cure, so a
     refusal names that node (later ones are not reached). Like every pass it changes the graph it
-    is given, also when it then refuses: run it on a copy (`mixfx.rewrite` does)."""
+    is given, also when it then refuses: run it on a copy (`mixfx.rewrite` does). After a call,
+    `constraints` lists what the cured graph requires of the input (`H == W` for a node that runs
+    on square grids only) and `probe_size` the second size it was last probed at."""
 
     name = "cure"
 
@@ -81,12 +86,16 @@ class Cure(RewritePass):
         self.rigid_nodes = list(rigid_nodes)
         self.max_steps = max_steps
         self.model_name = model_name
+        self.constraints: list[str] = []
+        self.probe_size: tuple[int, ...] | None = None
 
     def call(self, gm: GraphModule) -> RewritePassResult:
         inputs = example_inputs_of(gm)
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 3:
             raise CureRefused(self.model_name, [Uncurable("input", None, "needs an example input [B, C, *spatial]")])
         shape = tuple(inputs[0].shape)
+        self.constraints = []
+        other: tuple[int, ...] | None = None  # the second size: probe_shape's, or a square one
         by_name = {r.node: r for r in self.rigid_nodes}
         changes: list[Change] = []
         for node in list(gm.graph.nodes):  # the checks the analysis names
@@ -97,7 +106,8 @@ class Cure(RewritePass):
         last_failure: str | None = None
         regrouped_seen: set[str] = set()
         for _ in range(self.max_steps):
-            probe = run_probe(gm, shape)
+            probe = run_probe(gm, shape, other)
+            self.probe_size = tuple(probe.other.input_shape)
             if probe.example.failure is not None:
                 raise CureRefused(self.model_name, [Uncurable(
                     probe.example.failure.node, None,
@@ -124,13 +134,22 @@ class Cure(RewritePass):
                 break
             node = nodes.get(failure.node)
             if node is None or failure.node == last_failure or failure.kind != "shape":
-                why = (f"still fails at {_size(probe_shape(shape))} after its cure ({failure.error})"
-                       if failure.node == last_failure else f"fails at {_size(probe_shape(shape))}: {failure.error}")
+                if node is not None and failure.node != last_failure and other is None:
+                    other = self._square_only(gm, shape, node, probe, notes)
+                    if other is not None:
+                        continue
+                why = (f"still fails at {_size(self.probe_size)} after its cure ({failure.error})"
+                       if failure.node == last_failure else f"fails at {_size(self.probe_size)}: {failure.error}")
                 raise CureRefused(self.model_name, [Uncurable(failure.node, self._module(gm, node), why)], changes)
             last_failure = failure.node
             before = _describe_node(gm, node)
             description = next((d for cure in CURES if (d := cure(gm, node, probe)) is not None), None)
             if description is None:
+                if other is None:
+                    other = self._square_only(gm, shape, node, probe, notes)
+                    if other is not None:
+                        last_failure = None
+                        continue
                 raise CureRefused(self.model_name, [self._uncurable(gm, node, probe, failure.error)], changes)
             self._recompile(gm)
             changes.append(Change(self.name, node.name, self._module(gm, node), before, description))
@@ -138,11 +157,26 @@ class Cure(RewritePass):
             raise CureRefused(self.model_name, [Uncurable("graph", None, f"more than {self.max_steps} cures needed")],
                               changes)
         if changes:
-            notes.append(f"cured for the runtime size: probed at {_size(shape)} and {_size(probe_shape(shape))} "
+            notes.append(f"cured for the runtime size: probed at {_size(shape)} and {_size(self.probe_size or ())} "
                          f"on meta tensors after each of {len(changes)} change(s)")
         return RewritePassResult(gm, bool(changes), changes, notes=notes)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _square_only(self, gm: GraphModule, shape: tuple[int, ...], node: Node, probe: Probe,
+                     notes: list[str]) -> tuple[int, ...] | None:
+        """Where the graph gets past `node` at a square size (its side taken from a token count):
+        the square constraint is recorded and the square size returned, to probe at from now on."""
+        square = passes_on_square(gm, shape, node.name)
+        if square is None:
+            return None
+        constraint = square_constraint(shape)
+        self.constraints.append(constraint)
+        size = _size(tuple(square.other.input_shape))
+        notes.append(f"`{self._module(gm, node) or node.name}` ({node.name}) runs on square grids only: it fails at "
+                     f"{_size(self.probe_size or ())} ({probe.failure.error}) and runs at {size}; no cure needed, "
+                     f"the cured model takes inputs with {constraint}")
+        return tuple(square.other.input_shape)
 
     def _dropped(self, gm: GraphModule, node: Node, module: str | None) -> Change:
         name = node.name
@@ -195,7 +229,7 @@ class Cure(RewritePass):
         rigid = next((r for r in self.rigid_nodes if r.node == node.name), None)
         if rigid is not None:
             return Uncurable(node.name, module, f"{rigid.reason}: no known cure for this kind of node")
-        return Uncurable(node.name, module, f"fails at {_size(probe_shape(tuple(probe.example.input_shape)))} "
+        return Uncurable(node.name, module, f"fails at {_size(tuple(probe.other.input_shape))} "
                                             f"({error}): no known cure for this kind of node")
 
 

@@ -62,6 +62,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.example_log: locality.OpLog | None = None
         self.specialised = False  # the graph was exported at the example size only
         self.pinned_constraints: list[str] = []  # pins of some dims only, where the others vary
+        self.square_only = False  # the size search ran square sizes only (set by run)
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
@@ -109,6 +110,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         t0 = time.perf_counter()
         with index_bounds.collect() as reads:
             search = self._size_search(constraints)
+        self.square_only = search.square_only  # H == W: the guards' counterexamples keep it
         self.timings["size_search_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.bounds = self._index_bounds(reads, search)
@@ -163,6 +165,12 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         if not fixed:
             kept += [b.text() for b in self.bounds]
         kept = list(dict.fromkeys(self.pinned_constraints + kept))
+        if search.square_only and not fixed:
+            square = " == ".join(self.dim_names)
+            kept.insert(0, square)
+            ran = ", ".join("x".join(map(str, s[2:])) for s in running)
+            self.notes.append(f"The model runs at square sizes only ({ran}; none with H != W ran): it requires "
+                              f"{square} (a grid's side taken from a token count, `int(sqrt(N))`, does).")
         outputs = self._outputs(search)
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
         if fixed:

@@ -173,12 +173,14 @@ class GuardStage:
         return list(dict.fromkeys(texts)), dropped
 
     def _counterexample(self, mine, others, dims, window: int) -> tuple[int, ...] | None:
-        """The size nearest the example (one dim varied) where `mine` fails and all `others` hold."""
+        """The size nearest the example (one dim varied; all of them together where the model runs
+        on square grids only) where `mine` fails and all `others` hold."""
         best = None
+        square = getattr(self, "square_only", False)
         for name in dims:
             ex = self.example_sizes[name]
             for x in sorted(range(2, ex + 2 * window), key=lambda v: abs(v - ex)):
-                sizes = {**self.example_sizes, name: x}
+                sizes = {n: x for n in self.dim_names} if square else {**self.example_sizes, name: x}
                 if not mine(**sizes) and all(o(**sizes) for o in others):
                     if best is None or abs(x - ex) < best[0]:
                         best = (abs(x - ex), sizes)

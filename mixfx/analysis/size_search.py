@@ -6,7 +6,8 @@ to the example size. So every "does it run at this size" question is asked of th
 on meta tensors (milliseconds: no compute, no weight memory; a real forward only where meta
 tensors cannot run and the weights are real), over a list of candidates built from common strides
 and windows: the example +-32/16/8, x1.5, x2, multiples of 7*32 and 14*16, never size 1, H != W.
-A model is `fixed` only when none of them runs.
+A model is `fixed` only when none of them runs, also at square sizes: a model that takes a grid's
+side from a token count (`int(sqrt(N))`) runs at square sizes only, which is a constraint (`H == W`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class Probe:
 class SizeSearch:
     example: tuple[int, ...]
     probes: list[Probe] = field(default_factory=list)
+    # no size with H != W ran, square ones did (`H == W` is required): set by `search`
+    square_only: bool = False
 
     @property
     def running(self) -> list[tuple[int, ...]]:
@@ -76,11 +79,12 @@ def _has_real_weights(model: nn.Module) -> bool:
 REAL_FORWARD_LIMIT = 2_000_000 * 64 * 64
 
 
-def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Probe:
+def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+          confirm: bool = False) -> Probe:
     """Run the eager model once at `shape`; never raises. On meta tensors first; where the model
-    has real weights and the forward is affordable, a meta run that succeeds is confirmed by a
-    real one (meta tensors do not check index bounds: a position table indexed past its end
-    "runs"), and one that cannot run on meta tensors is replaced by it."""
+    has real weights and the forward is affordable (or `confirm`: whatever it costs), a meta run
+    that succeeds is confirmed by a real one (meta tensors do not check index bounds: a position
+    table indexed past its end "runs"), and one that cannot run on meta tensors is replaced by it."""
     shape = tuple(int(s) for s in shape)
     stack: list[str] = []
     try:
@@ -91,7 +95,7 @@ def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.flo
         meta = Probe(shape, False, _short(exc), stack[-1] if stack else None, classify_exception(exc))
         if meta.kind not in ("data_dependent", "unsupported"):
             return meta
-    if not _affordable(model, shape):
+    if not (_affordable(model, shape) or confirm and _has_real_weights(model)):
         return meta
     stack.clear()
     try:
@@ -169,7 +173,38 @@ def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probe
         result.probes.append(probe(model, shape))
         if len(result.running) >= want:
             break
+    if not result.running:
+        _search_square(model, example, result)
     return result
+
+
+def _search_square(model: nn.Module, example: Sequence[int], result: SizeSearch) -> None:
+    """No size with H != W ran: does a square one? Each is confirmed by a real forward whatever it
+    costs (a meta run misses an index past a table's end, which no H != W size reached); the first
+    that runs, or fails for real, ends the search (one is enough: real forwards at x2, x3
+    cost). Where one runs, the x2 by x3 size (every divisibility the example meets, sides apart)
+    tells a square requirement from a divisibility the nearby sizes missed: a real one too."""
+    for shape in square_candidates(example):
+        got = probe(model, shape, confirm=True)
+        result.probes.append(got)
+        if got.ok or got.real:
+            break
+    if not result.running:
+        return
+    apart = (*example[:2], *(s * (2 + i) for i, s in enumerate(example[2:])))
+    result.probes.append(probe(model, apart, confirm=True))
+    result.square_only = not result.probes[-1].ok
+
+
+def square_candidates(example: Sequence[int]) -> list[tuple[int, ...]]:
+    """For a square example: square sizes, smallest first (x1.5, then x2 and x3, which keep
+    every divisibility the example meets). Nothing for a non-square example (it runs with H != W)."""
+    spatial = [int(s) for s in example[2:]]
+    if len(spatial) < 2 or len(set(spatial)) != 1:
+        return []
+    side = spatial[0]
+    sides = dict.fromkeys((side * 3 // 2, 2 * side, 3 * side))
+    return [(*example[:2], *([s] * len(spatial))) for s in sides if s >= 2 and s != side]
 
 
 def _safe(pred: Callable[[tuple[int, ...]], bool], shape: tuple[int, ...]) -> bool:
