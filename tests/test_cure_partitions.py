@@ -1,0 +1,121 @@
+"""`--to polymorphic` on partitions whose sizes were written in at the example: a grid partition
+(MaxViT's grid attention: a fixed g x g grid of tokens spread over the whole map, the cells grow
+with the input) beside a window partition (fixed w x w windows, their count grows), with a
+relative-position table over the g x g / w x w tokens.
+
+At an example where the map is g*g cells (16 = 4*4, or 8 = 8*1) the view's constants do not say
+which factor follows the input; the cure must tell them apart by what the graph does. Ground truth
+at other sizes: each model's own dynamic variant (the same weights, the runtime sizes written by
+hand in eager code), never mixfx's output."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mixfx  # noqa: E402
+
+
+def relative_index(n: int) -> torch.Tensor:
+    """Index of the (2n-1)^2 offsets between the cells of an n x n block (Swin/MaxViT)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (n - 1)
+    return rel[..., 0] * (2 * n - 1) + rel[..., 1]
+
+
+class PartitionAttention(nn.Module):
+    """Attention over the n*n tokens of each partition, with a relative-position bias table."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn((2 * n - 1) ** 2))
+        self.register_buffer("index", relative_index(n), persistent=False)
+
+    def forward(self, t):
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        logits = logits + self.table[self.index.reshape(-1)].reshape(self.n ** 2, self.n ** 2)
+        return self.out(logits.softmax(-1) @ v)
+
+
+class MaxVitLike(nn.Module):
+    """A window-attention block then a grid-attention block (MaxViT), the map's size at the
+    example (`img // stride`) written into both partitions and their reverses."""
+
+    def __init__(self, dynamic: bool = False, img: int = 32, stride: int = 2, n: int = 4, dim: int = 16):
+        super().__init__()
+        self.dynamic, self.n, self.dim, self.size = dynamic, n, dim, img // stride
+        self.proj = nn.Conv2d(3, dim, stride, stride)
+        self.window_attn = PartitionAttention(dim, n)
+        self.grid_attn = PartitionAttention(dim, n)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        m = self.proj(x).permute(0, 2, 3, 1)  # [B, H, W, C]
+        B, n, C = m.shape[0], self.n, self.dim
+        H, W = (m.shape[1], m.shape[2]) if self.dynamic else (self.size, self.size)
+        # window partition: fixed n x n windows, (H/n) x (W/n) of them
+        t = m.reshape(B, H // n, n, W // n, n, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, n * n, C)
+        t = t + self.window_attn(t)
+        m = t.reshape(B, H // n, W // n, n, n, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        # grid partition: a fixed n x n grid, each cell (H/n) x (W/n): tokens strided over the map
+        t = m.reshape(B, n, H // n, n, W // n, C).permute(0, 2, 4, 1, 3, 5).reshape(-1, n * n, C)
+        t = t + self.grid_attn(t)
+        m = t.reshape(B, H // n, W // n, n, n, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C)
+        # a position-dependent readout, so that a mix-up of positions shows in the output
+        weights = torch.linspace(0.5, 1.5, m.shape[1] * m.shape[2]).reshape(1, m.shape[1], m.shape[2], 1)
+        return self.head((m * weights).mean((1, 2)))
+
+
+class GridOnly(MaxVitLike):
+    """Grid attention alone, at an example where the cells are 1x1 (an 8x8 map, an 8x8 grid:
+    MaxViT's last stage at 256 px): `view(B, 8, 1, 8, 1, C)`."""
+
+    def __init__(self, dynamic: bool = False):
+        super().__init__(dynamic, img=32, stride=4, n=8)
+
+    def forward(self, x):
+        m = self.proj(x).permute(0, 2, 3, 1)
+        B, n, C = m.shape[0], self.n, self.dim
+        H, W = (m.shape[1], m.shape[2]) if self.dynamic else (self.size, self.size)
+        t = m.reshape(B, n, H // n, n, W // n, C).permute(0, 2, 4, 1, 3, 5).reshape(-1, n * n, C)
+        t = t + self.grid_attn(t)
+        m = t.reshape(B, H // n, W // n, n, n, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C)
+        weights = torch.linspace(0.5, 1.5, m.shape[1] * m.shape[2]).reshape(1, m.shape[1], m.shape[2], 1)
+        return self.head((m * weights).mean((1, 2)))
+
+
+def _pair(cls, seed=0):
+    torch.manual_seed(seed)
+    model = cls().eval()
+    dynamic = cls(dynamic=True).eval()
+    dynamic.load_state_dict(model.state_dict())
+    return model, dynamic
+
+
+@pytest.mark.parametrize("cls, other_sizes", [
+    (MaxVitLike, [(2, 3, 48, 40), (1, 3, 24, 56)]),
+    (GridOnly, [(2, 3, 64, 96), (1, 3, 96, 32)]),
+], ids=["window+grid", "grid-1x1-cells"])
+def test_partitions_cured_like_the_dynamic_model(cls, other_sizes):
+    model, dynamic = _pair(cls)
+    x = torch.randn(1, 3, 32, 32)
+    assert mixfx.analyze(model, x).classification == "fixed"
+    result = mixfx.rewrite(model, to="polymorphic", example_input=x)
+    assert result.classification_after in ("convolutional", "polymorphic")
+    with torch.no_grad():
+        ref = model(x)
+        assert (result.module(x) - ref).abs().max() <= 1e-6 * ref.abs().max()
+        for size in other_sizes:
+            y = torch.randn(size)
+            want, got = dynamic(y), result.module(y)
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), size
