@@ -422,15 +422,19 @@ def _cuts(shape: tuple[int, ...] | list[int]) -> list[int]:
 def consistent_at_probe(ins: tuple[int, ...], ins_p: tuple[int, ...], outs: tuple[int, ...],
                         outs_p: tuple[int, ...] | list[int]) -> bool:
     """Whether a view pairs the same runs of dims at the probe as at the example: every place where
-    the example's input and output can be cut apart (equal, non-empty products of the dims before
-    it) is a cut at the probe too. Size-1 dims pair with either neighbour (`(B, 8, 1, 8, 1, C)` of
-    `[B, 8, 8, C]` is `(8, 1)` or `(1, 8)` per input dim), so a cut is kept where one of the
-    places with its product at the example is still a cut at the probe."""
+    the example's input and output can be cut apart (equal products of the dims before it) is a
+    cut at the probe too. Size-1 dims pair with either neighbour (`(B, 8, 1, 8, 1, C)` of
+    `[B, 8, 8, C]` is `(8, 1)` or `(1, 8)` per input dim, and a size-1 dim may grow at the probe),
+    so each cut is taken after the last size-1 dim at it, on both sides."""
     if math.prod(ins_p) != math.prod(outs_p):
         return False
-    cuts = set(_cuts(ins)[1:]) & set(_cuts(outs)[1:])
-    pairs = set(zip(_cuts(ins)[1:], _cuts(ins_p)[1:])) & set(zip(_cuts(outs)[1:], _cuts(outs_p)[1:]))
-    return {e for e, _ in pairs} == cuts
+    after_in: dict[int, int] = {}
+    after_out: dict[int, int] = {}
+    for e, p in zip(_cuts(ins), _cuts(ins_p)):
+        after_in[e] = max(p, after_in.get(e, p))
+    for e, p in zip(_cuts(outs), _cuts(outs_p)):
+        after_out[e] = max(p, after_out.get(e, p))
+    return all(after_in[e] == after_out[e] for e in after_in.keys() & after_out.keys())
 
 
 def regroups_at_probe(node: Node, probe: Probe) -> bool:
