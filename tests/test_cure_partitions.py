@@ -1,7 +1,8 @@
 """`--to polymorphic` on partitions whose sizes were written in at the example: a grid partition
 (MaxViT's grid attention: a fixed g x g grid of tokens spread over the whole map, the cells grow
 with the input) beside a window partition (fixed w x w windows, their count grows), with a
-relative-position table over the g x g / w x w tokens.
+relative-position table over the g x g / w x w tokens; and Hiera's unroll (strides moved into
+the batch, tokens back in unrolled order with a `-1` that is the batch at the example).
 
 At an example where the map is g*g cells (16 = 4*4, or 8 = 8*1) the view's constants do not say
 which factor follows the input; the cure must tell them apart by what the graph does. Ground truth
@@ -93,6 +94,34 @@ class GridOnly(MaxVitLike):
         return self.head((m * weights).mean((1, 2)))
 
 
+class UnrollNet(nn.Module):
+    """Hiera's unroll and reroll with the sizes fixed at init: tokens [B, N, C] put on the 8x8
+    grid, 2x2 strides moved into the batch (`[4B, h/2, w/2, C]`), back to `[B, N, C]` in unrolled
+    order (`reshape(-1, 64, C)`), a max over the strides (Hiera's pooling in unrolled order) and
+    the pooled tokens rolled back onto the `(h/2, w/2)` grid."""
+
+    def __init__(self, dynamic: bool = False, img: int = 32, dim: int = 16):
+        super().__init__()
+        self.dynamic, self.size = dynamic, img // 4
+        self.proj = nn.Conv2d(3, dim, 4, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 1, dim))  # broadcast over tokens: not size-pinning
+        self.mlp = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        m = self.proj(x)
+        B, C = m.shape[0], m.shape[1]
+        h, w = (m.shape[2], m.shape[3]) if self.dynamic else (self.size, self.size)
+        t = m.flatten(2).transpose(1, 2) + self.pos
+        u = t.view(B, h, w, C).view(B, h // 2, 2, w // 2, 2, C).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+        t = u.reshape(-1, h * w, C)  # [B, N, C], the four strides outermost
+        t = t + self.mlp(t)
+        t = t.view(B, 4, -1, C).max(dim=1).values  # [B, N/4, C] on the (h/2, w/2) grid
+        m = t.view(B, h // 2, w // 2, C)
+        weights = torch.linspace(0.5, 1.5, m.shape[1] * m.shape[2]).reshape(1, m.shape[1], m.shape[2], 1)
+        return self.head((m * weights).mean((1, 2)))
+
+
 def _pair(cls, seed=0):
     torch.manual_seed(seed)
     model = cls().eval()
@@ -104,8 +133,11 @@ def _pair(cls, seed=0):
 @pytest.mark.parametrize("cls, other_sizes", [
     (MaxVitLike, [(2, 3, 48, 40), (1, 3, 24, 56)]),
     (GridOnly, [(2, 3, 64, 96), (1, 3, 96, 32)]),
-], ids=["window+grid", "grid-1x1-cells"])
+    (UnrollNet, [(2, 3, 48, 40), (1, 3, 24, 56)]),
+], ids=["window+grid", "grid-1x1-cells", "unroll-reroll"])
 def test_partitions_cured_like_the_dynamic_model(cls, other_sizes):
+    """Equal at the example, equal to the dynamic model at sizes with H != W and batch 2 (a
+    change taken by the batch, or rows swapped with columns, shows in the output)."""
     model, dynamic = _pair(cls)
     x = torch.randn(1, 3, 32, 32)
     assert mixfx.analyze(model, x).classification == "fixed"
