@@ -151,3 +151,32 @@ def test_partitions_cured_like_the_dynamic_model(cls, other_sizes):
             want, got = dynamic(y), result.module(y)
             assert got.shape == want.shape
             assert (got - want).abs().max() <= 1e-5 * want.abs().max(), size
+
+
+class BatchAbsorbing(nn.Module):
+    """Tokens regrouped with the example's count written in, `reshape(-1, 64, C)`: at a larger
+    size it runs, with the extra tokens turned into extra images."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, 4)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2).reshape(-1, 64, 16)
+        return self.head(t.mean(1))
+
+
+def test_a_size_change_taken_by_the_batch_fails_verification():
+    """Running is not enough: an output whose batch grew with the input size is refused."""
+    from mixfx.errors import VerificationError
+    from mixfx.rewrite import rewrite_polymorphic
+
+    torch.manual_seed(0)
+    model = BatchAbsorbing().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape[0] == 6  # the failure mode itself
+    with pytest.raises(VerificationError) as info:
+        rewrite_polymorphic(model, x, passes=[])
+    assert "the size change went into the batch" in info.value.message
