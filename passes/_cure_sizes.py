@@ -411,30 +411,35 @@ def cure_fold(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     return None
 
 
-def _cuts(shape: tuple[int, ...] | list[int]) -> list[int]:
-    out, p = [1], 1
-    for s in shape:
-        p *= s
-        out.append(p)
-    return out
-
-
 def consistent_at_probe(ins: tuple[int, ...], ins_p: tuple[int, ...], outs: tuple[int, ...],
                         outs_p: tuple[int, ...] | list[int]) -> bool:
-    """Whether a view pairs the same runs of dims at the probe as at the example: every place where
-    the example's input and output can be cut apart (equal products of the dims before it) is a
-    cut at the probe too. Size-1 dims pair with either neighbour (`(B, 8, 1, 8, 1, C)` of
-    `[B, 8, 8, C]` is `(8, 1)` or `(1, 8)` per input dim, and a size-1 dim may grow at the probe),
-    so each cut is taken after the last size-1 dim at it, on both sides."""
+    """Whether a view splits or merges the same runs of dims at the probe as at the example: the
+    dims (those of size 1 at both sizes left out) pair into runs of equal element count at both
+    sizes at once, and each run is a split (one input dim) or a merge (one output dim). A `-1`
+    that takes a change the hard-coded sizes beside it do not (`reshape(-1, 3136, C)` of
+    `[64B, 14, 21, C]`) makes a run of two and two; a size-1 dim that grows beside a constant
+    (`view(B, H // 8, 8, ...)` with `H // 8 == 1` at the example) stays a split."""
     if math.prod(ins_p) != math.prod(outs_p):
         return False
-    after_in: dict[int, int] = {}
-    after_out: dict[int, int] = {}
-    for e, p in zip(_cuts(ins), _cuts(ins_p)):
-        after_in[e] = max(p, after_in.get(e, p))
-    for e, p in zip(_cuts(outs), _cuts(outs_p)):
-        after_out[e] = max(p, after_out.get(e, p))
-    return all(after_in[e] == after_out[e] for e in after_in.keys() & after_out.keys())
+    a = [(e, p) for e, p in zip(ins, ins_p) if (e, p) != (1, 1)]
+    b = [(e, p) for e, p in zip(outs, outs_p) if (e, p) != (1, 1)]
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if i == len(a) or j == len(b):
+            return False
+        (ea, pa), (eb, pb) = a[i], b[j]
+        n_in, n_out = 1, 1
+        i, j = i + 1, j + 1
+        while (ea, pa) != (eb, pb):
+            if ea <= eb and pa <= pb and i < len(a):
+                ea, pa, i, n_in = ea * a[i][0], pa * a[i][1], i + 1, n_in + 1
+            elif ea >= eb and pa >= pb and j < len(b):
+                eb, pb, j, n_out = eb * b[j][0], pb * b[j][1], j + 1, n_out + 1
+            else:
+                return False
+        if n_in > 1 and n_out > 1:
+            return False
+    return True
 
 
 def regroups_at_probe(node: Node, probe: Probe) -> bool:
