@@ -123,11 +123,13 @@ def cure_view(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     if parsed is None or not isinstance(source, Node):
         return None
     args, packed = parsed
-    candidates = [lambda build: _by_groups(build, node, source, args, probe)]
+    candidates = [(None, lambda build: _by_groups(build, node, source, args, probe))]
     candidates += _assignments(node, source, args, probe)
     saved = (node.args, node.kwargs)
-    best = None
-    for rank, candidate in enumerate(candidates[:MAX_CANDIDATES]):
+    best, tried = None, set()
+    for rank, (predicted, candidate) in enumerate(candidates[:MAX_CANDIDATES]):
+        if predicted is not None and predicted in tried:  # the same sizes at the probe as one tried
+            continue
         build = _Builder(gm, node)
         found = candidate(build)
         if found is None:
@@ -137,18 +139,19 @@ def cure_view(gm: GraphModule, node: Node, probe: Probe) -> str | None:
             best = (None, rank, found)
             break
         _set_sizes(node, source, found[0], packed)
-        score = _lookahead(gm, node, probe)
+        score, shape = _lookahead(gm, node, probe)
+        tried.add(shape)
         node.args, node.kwargs = saved
         build.undo()
         if best is None or score < best[0]:
             best = (score, rank, found)
-        if score == (False, 0, False, 0):
+        if not score[0] and score[1] == 0 and score[3] == 0:  # runs to the end at the probe
             break
     if best is None:
         return None
     if best[0] is not None:  # rebuild the winner (its nodes were undone with the others)
         build = _Builder(gm, node)
-        best = (best[0], best[1], candidates[best[1]](build))
+        best = (best[0], best[1], candidates[best[1]][1](build))
     values, notes = best[2]
     _set_sizes(node, source, values, packed)
     name = node.target if isinstance(node.target, str) else node.target.__name__
@@ -167,23 +170,24 @@ def _set_sizes(node: Node, source: Node, values: list[Any], packed: bool) -> Non
         node.args = (source, *values)
 
 
-def _lookahead(gm: GraphModule, node: Node, probe: Probe) -> tuple[bool, int, bool, int]:
+def _lookahead(gm: GraphModule, node: Node, probe: Probe) -> tuple[tuple[bool, int, bool, int], Any]:
     """How a candidate leaves the graph at the probe size (smaller is better): whether the view
     itself fails or regroups, how many later views regroup, whether it misses a layout the graph
-    had above (`_restores`), and how early the first failure is."""
+    had above (`_restores`), and how early the first failure is; and the view's shape there."""
     from passes._cure_probe import run_probe
 
     after = run_probe(gm, tuple(probe.example.input_shape))
+    shape = after.shape(node, False)
     if after.example.failure is not None:
-        return (True, 1 << 30, True, 1 << 30)
+        return (True, 1 << 30, True, 1 << 30), shape
     order = {n.name: k for k, n in enumerate(gm.graph.nodes)}
     here = order[node.name]
     failure = after.failure
     if (failure is not None and failure.node == node.name) or regroups_at_probe(node, after):
-        return (True, 0, True, 0)
+        return (True, 0, True, 0), shape
     regrouped = sum(1 for n in gm.graph.nodes if order[n.name] > here and regroups_at_probe(n, after))
     early = 0 if failure is None else len(order) - order.get(failure.node, len(order))
-    return (False, regrouped, not _restores(node, after), early)
+    return (False, regrouped, not _restores(node, after), early), shape
 
 
 def _restores(node: Node, probe: Probe, most: int = 2000) -> bool:
@@ -247,7 +251,8 @@ def _assignments(node: Node, source: Node, args: list[Any], probe: Probe) -> lis
     sizes of a grid above (`nearest_grids`) become its runtime sizes, and each remaining dim of
     the input whose size follows the input is absorbed by one constant (or the -1) of the view,
     the others staying fixed. Only readings that keep the view's runs of dims apart at the probe
-    (`consistent_at_probe`) are kept, fewest changed sizes first."""
+    (`consistent_at_probe`) are kept, fewest changed sizes first, each with its sizes at the
+    probe."""
     ins_e, ins_p, changed = probe.shape(source), probe.shape(source, False), probe.changed_dims(source)
     outs_e = probe.shape(node)
     if ins_e is None or ins_p is None or not changed or outs_e is None or len(outs_e) != len(args):
@@ -299,8 +304,8 @@ def _assignments(node: Node, source: Node, args: list[Any], probe: Probe) -> lis
             if key in found or not consistent_at_probe(ins_e, ins_p, outs_e, predicted):
                 continue
             found[key] = plan
-    plans = sorted(found.values(), key=len)
-    return [functools.partial(_materialise, source=source, args=args, plan=plan) for plan in plans]
+    plans = sorted(found.items(), key=lambda item: len(item[1]))
+    return [(key, functools.partial(_materialise, source=source, args=args, plan=plan)) for key, plan in plans]
 
 
 def _materialise(build: "_Builder", source: Node, args: list[Any], plan: dict) -> tuple[list[Any], list[str]]:

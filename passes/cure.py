@@ -6,7 +6,9 @@ runs there (or a node has no cure):
 - explicit size checks are dropped (`passes._cure_guard`);
 - a constant table added to tokens or a map is resampled to the runtime grid (`passes._cure_pos`);
 - view/reshape sizes and fold output sizes written as the example's constants are read from the
-  runtime shape (`passes._cure_sizes`).
+  runtime shape (`passes._cure_sizes`);
+- a map brought to the attention window's grid by a fixed number of downsamplings is pooled
+  adaptively to that grid (`passes._cure_query`).
 Anything else that breaks (a weight over a fixed number of tokens, a flatten into a fixed-size
 Linear) has no polymorphic cure: `CureRefused` names each such node with why, nothing is changed.
 Equality at the example size, runs at other sizes and the re-analysis are checked by
@@ -26,13 +28,15 @@ from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_concat_table, cure_position_add
 from passes._cure_probe import Probe, nearest_grids, probe_shape, run_probe
+from passes._cure_query import cure_pooled_grid
 from passes._cure_relpos import cure_relative_bias
 from passes._cure_windows import cure_window_table
 from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe, splits_off_grid_count
 from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
-CURES = (cure_window_table, cure_relative_bias, cure_position_add, cure_concat_table, cure_view, cure_fold)
+CURES = (cure_window_table, cure_relative_bias, cure_position_add, cure_concat_table, cure_pooled_grid, cure_view,
+         cure_fold)
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,58 @@ def test_a_size_change_taken_by_the_batch_fails_verification():
     with pytest.raises(VerificationError) as info:
         rewrite_polymorphic(model, x, passes=[])
     assert "the size change went into the batch" in info.value.message
+
+
+class GlobalQueryNet(nn.Module):
+    """GCViT's global query: the 16x16 map max-pooled twice (k3 s2 p1) to the 4x4 window grid,
+    repeated for every window as the query of the window attention (keys and values from the
+    window's 16 tokens). Its dynamic variant pools adaptively to the window grid after the fixed
+    chain (the cure's reading: identity at the example, a whole-map summary elsewhere)."""
+
+    def __init__(self, dynamic: bool = False, n: int = 4, dim: int = 16):
+        super().__init__()
+        self.dynamic, self.n, self.dim = dynamic, n, dim
+        self.proj = nn.Conv2d(3, dim, 2, 2)
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.pool2 = nn.MaxPool2d(3, 2, 1)
+        self.norm = nn.LayerNorm(dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        m = self.proj(x)
+        g = self.pool2(self.pool1(m))
+        if self.dynamic:
+            g = torch.nn.functional.adaptive_max_pool2d(g, (self.n, self.n))
+        q = self.norm(g.permute(0, 2, 3, 1))  # [B, n, n, C]
+        m = m.permute(0, 2, 3, 1)
+        B, H, W, C = m.shape
+        n = self.n
+        win = m.view(B, H // n, n, W // n, n, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, n * n, C)
+        N = win.shape[1]
+        q = q.repeat_interleave(win.shape[0] // B, dim=0).reshape(win.shape[0], N, C)
+        k, v = self.kv(win).chunk(2, dim=-1)
+        attn = (q @ k.transpose(-2, -1) * C ** -0.5).softmax(-1)
+        win = win + self.out(attn @ v)
+        m = win.view(B, H // n, W // n, n, n, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        weights = torch.linspace(0.5, 1.5, H * W).reshape(1, H, W, 1)
+        return self.head((m * weights).mean((1, 2)))
+
+
+def test_global_query_pooled_to_the_window_grid():
+    model, dynamic = _pair(GlobalQueryNet)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(RuntimeError):  # fixed: the query has 64 tokens at 64x64, the windows 16
+        model(torch.randn(1, 3, 64, 64))
+    result = mixfx.rewrite(model, to="polymorphic", example_input=x)
+    assert any("pooled (max, adaptive) to 4x4" in c.after for c in result.changes), result.changes
+    assert result.classification_after in ("convolutional", "polymorphic")
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(result.module(x), ref)
+        for size in [(2, 3, 64, 96), (1, 3, 48, 40)]:
+            y = torch.randn(size)
+            want, got = dynamic(y), result.module(y)
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), size
