@@ -5,7 +5,12 @@ Which constant is which size is found at the example: a view splits or merges ru
 input's dims; a run that follows the input gets its sizes from the input's runtime sizes, or,
 where it splits one dim into several, from the nearest map `[B, C, h, w]` above the node whose
 grid sizes are among the constants (else the first constant becomes the quotient, as in a window
-partition `(h // ws, ws)`). The pass re-probes afterwards: a view that still fails is refused.
+partition `(h // ws, ws)`). Where the example cannot tell (a grid partition `(g, H // g)` reads
+like a window partition; size-1 dims pair either way), the other readings that keep the view a
+split or merge at the probe are tried too, each probed, and the one that keeps the graph after it
+consistent wins (`cure_view`). A view counts as regrouped where no pairing of its runs of dims
+holds at both sizes (`consistent_at_probe`). The pass re-probes afterwards: a view that still
+fails is refused.
 """
 from __future__ import annotations
 
