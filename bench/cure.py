@@ -60,7 +60,8 @@ def cause_of(change) -> str:
     after = change.after
     for words, cause in (("dropped", "size check"), ("relative-position bias", "rel-pos bias"),
                          ("per window", "window mask"), ("concatenated", "coordinate map"),
-                         ("resampled", "position table"), ("fold", "fold size")):
+                         ("resampled", "position table"), ("fold", "fold size"),
+                         ("pooled (", "pooled query grid")):
         if words in after:
             return cause
     return "view sizes"

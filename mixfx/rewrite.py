@@ -661,18 +661,24 @@ def _runs_at(gm: GraphModule, model: nn.Module, example_input: torch.Tensor,
             checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, False,
                                     f"the cured model fails: {type(exc).__name__}: {str(exc)[:200]}"))
             continue
-        error = _structure_difference(reference, out)
+        error = _structure_difference(reference, out, same_batch=shape[0] == example_input.shape[0])
         checks.append(SizeCheck(shape, float("nan"), float("nan"), 0.0, error is None, error))
     return checks
 
 
-def _structure_difference(reference: list, out: list) -> str | None:
+def _structure_difference(reference: list, out: list, same_batch: bool = False) -> str | None:
+    """Why `out` (at another size) is not shaped like the example's `reference`: structure, rank,
+    non-finite values, or, at the example's batch size, a batch dim that took the size change
+    (a `-1` in a view that absorbed it: Hiera's unroll gave 6 images for 1 at 448x672)."""
     if [k for k, _ in reference] != [k for k, _ in out]:
         return "the output structure differs from the example's"
     for (path, r), (_, o) in zip(reference, out):
         if isinstance(r, torch.Tensor):
             if not isinstance(o, torch.Tensor) or o.dim() != r.dim():
                 return f"{path}: rank differs from the example's"
+            if same_batch and r.dim() > 0 and o.shape[0] != r.shape[0]:
+                return (f"{path}: the batch dim is {o.shape[0]}, {r.shape[0]} at the example "
+                        "(the size change went into the batch)")
             if o.is_floating_point() and not bool(torch.isfinite(o).all()):
                 return f"{path}: non-finite outputs"
     return None

@@ -79,6 +79,7 @@ class ConcreteRun:
     failure: NodeFailure | None = None
     notes: list[str] = field(default_factory=list)
     probe_failures: dict[str, str] = field(default_factory=dict)  # node -> error of its value probe
+    sizes: dict[str, int] = field(default_factory=dict)  # node -> the int it computed (x.size(0), h // 7)
 
     @property
     def ok(self) -> bool:
@@ -396,6 +397,8 @@ def _propagate(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *, real: 
         def run_node(self, n):
             out = super().run_node(n)
             shapes[n.name] = _shape_of(out)
+            if isinstance(out, int) and not isinstance(out, bool):
+                run.sizes[n.name] = out
             return out
 
     # real values can decide shapes (nonzero, masks): no shortcuts on real tensors

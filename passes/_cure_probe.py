@@ -41,6 +41,11 @@ class Probe:
         value = (self.example if at_example else self.other).shapes.get(node.name)
         return tuple(value) if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value) else None
 
+    def size(self, node: Node, at_example: bool = True) -> int | None:
+        """The int a node computed (a size read off a tensor, arithmetic on sizes); None where
+        unknown (not reached, or a run on real tensors)."""
+        return (self.example if at_example else self.other).sizes.get(node.name)
+
     def changed_dims(self, node: Node) -> list[int] | None:
         """The dims of `node`'s output whose size follows the input; None where unknown."""
         a, b = self.shape(node), self.shape(node, at_example=False)
@@ -85,6 +90,8 @@ def _meta_run(gm: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> Concret
         def run_node(self, n):
             out = super().run_node(n)
             run.shapes[n.name] = _shape_of(out)
+            if isinstance(out, int) and not isinstance(out, bool):
+                run.sizes[n.name] = out
             return out
 
         def call_function(self, target, args, kwargs):

@@ -9,6 +9,8 @@ runs there (or a node has no cure):
   runtime shape (`passes._cure_sizes`);
 - a node that takes the grid's side from a token count (`int(sqrt(N))`) runs on square grids only:
   no cure, a constraint (`H == W`, `passes._cure_square`); the pass probes at a square size after it.
+- a map brought to the attention window's grid by a fixed number of downsamplings is pooled
+  adaptively to that grid (`passes._cure_query`).
 Anything else that breaks (a weight over a fixed number of tokens, a flatten into a fixed-size
 Linear) has no polymorphic cure: `CureRefused` names each such node with why, nothing is changed.
 Equality at the example size, runs at other sizes and the re-analysis are checked by
@@ -28,6 +30,7 @@ from mixfx.errors import EXIT_VERIFY, MixfxError
 from passes._cure_guard import drop_check, is_size_check
 from passes._cure_pos import cure_concat_table, cure_position_add
 from passes._cure_probe import Probe, nearest_grids, run_probe
+from passes._cure_query import cure_pooled_grid
 from passes._cure_relpos import cure_relative_bias
 from passes._cure_windows import cure_window_table
 from passes._cure_sizes import cure_fold, cure_view, regroups_at_probe, splits_off_grid_count
@@ -35,7 +38,8 @@ from passes._cure_square import passes_on_square, square_constraint
 from passes._fxutil import depends_on_input, example_inputs_of
 from passes.base import Change, RewritePass, RewritePassResult
 
-CURES = (cure_window_table, cure_relative_bias, cure_position_add, cure_concat_table, cure_view, cure_fold)
+CURES = (cure_window_table, cure_relative_bias, cure_position_add, cure_concat_table, cure_pooled_grid, cure_view,
+         cure_fold)
 
 
 @dataclass(frozen=True)
