@@ -9,9 +9,9 @@ import torch
 
 import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
-                            LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet, PooledAttention,
-                            WindowNet, WrappedAttention, far_change_is_per_channel_affine, far_end_changes,
-                            reach_grows)
+                            GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
+                            PooledAttention, PyramidPoolingNet, WindowNet, WrappedAttention,
+                            far_change_is_per_channel_affine, far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
 WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
@@ -109,3 +109,25 @@ def test_pool_module_gate_after_a_sequential_stem_is_global_context():
     assert r.classification == "convolutional", r.summary
     assert r.global_mixing == []
     assert any(c.module.startswith("gate") for c in r.global_context), r.global_context
+
+
+def test_pyramid_pooling_to_fixed_grids_is_global_context():
+    """Adaptive pools to 1x1, 2x2 and 4x4 grids upsampled back onto the map: the reach of one
+    pixel grows with the input (eager ground truth), by fixed weights (context, not mixing)."""
+    torch.manual_seed(0)
+    model = PyramidPoolingNet().eval()
+    assert reach_grows(model, WIDE, WIDER)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    found = {(c.module, c.op) for c in r.global_context}
+    assert any(m.startswith("levels.1") for m, _ in found), found  # the 2x2 grid level
+    assert any("adaptive_max_pool2d" in op for _, op in found), found  # the 4x4 grid, a function call
+    assert not r.tileable
+
+
+def test_grid_pool_into_the_classifier_is_the_head_not_context():
+    torch.manual_seed(0)
+    r = _analyse(GridPoolClassifier())
+    assert r.classification == "convolutional", r.summary
+    assert r.global_context == [] and r.global_mixing == []

@@ -345,6 +345,40 @@ class ModuleGateNet(nn.Module):
         return x * self.gate(x)
 
 
+class PyramidPoolingNet(nn.Module):
+    """PSPNet's pyramid pooling: the map pooled to fixed 1x1, 2x2 and 4x4 grids (nn.AdaptiveAvgPool2d
+    modules and F.adaptive_max_pool2d), each upsampled back and concatenated: every cell summarises
+    a part of the map that grows with the input (global context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.levels = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(g), nn.Conv2d(C, 2, 1)) for g in (1, 2))
+        self.fuse = nn.Conv2d(C + 6, C, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        size = x.shape[-2:]
+        pooled = [F.interpolate(level(x), size=size, mode="bilinear", align_corners=False)
+                  for level in self.levels]
+        grid = F.interpolate(F.adaptive_max_pool2d(x[:, :2], 4), size=size, mode="nearest")
+        return self.fuse(torch.cat([x, *pooled, grid], 1))
+
+
+class GridPoolClassifier(nn.Module):
+    """VGG's classifier: the map pooled to a fixed 2x2 grid and flattened into a Linear. The pool is
+    the head (positions stop there), not context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(4 * C, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stem(x)), 1))
+
+
 class CrossCovarianceAttention(nn.Module):
     """XCiT's attention: q k^T contracts over the N positions into a C x C map that then mixes
     the channels of every position (global mixing), after a Sequential stem."""

@@ -320,7 +320,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         second = None
         # a second run only where the first has something to judge: an op that combined
         # positions, or a summary broadcast back (a plain CNN's only event is its global pool)
-        judged = any(e.kind in ("mixing", "norm", "resize", "broadcast") for e in first.events)
+        judged = any(e.kind in ("mixing", "norm", "resize", "broadcast") or (e.kind == "gridpool" and e.followed)
+                     for e in first.events)
         if running and judged:
             big = max(running, key=lambda s: sum(s[2:]))
             second = locality.record_ops(self.eager, big)

@@ -13,8 +13,10 @@ differs between them reaches further when the input grows. Then:
 - attention (any form), a matmul/einsum of two activations, a sum over positions of the product
   of two activations (attention pooling), an FFT, a scan or recurrence over such an extent is
   *global mixing*;
-- a mean/max/adaptive-pool summary over it that is broadcast back onto the map, and a norm whose
-  statistics span it (GroupNorm/InstanceNorm/LayerNorm over H, W), is *global context*;
+- a mean/max/adaptive-pool summary over it that is broadcast back onto the map, an adaptive pool
+  to a fixed grid of cells whose result is used on the map again (pyramid pooling, a query pooled
+  to the window grid), and a norm whose statistics span it (GroupNorm/InstanceNorm/LayerNorm over
+  H, W), is *global context*;
 - a resize whose output size does not change with the input, followed by spatial processing, is
   a rigid node of kind "resized".
 With one run only (no other size runs: a fixed model), an extent that covers a whole input axis
@@ -38,7 +40,7 @@ from mixfx.shape_rules import TENSOR_LIKE
 
 @dataclass
 class Event:
-    kind: str  # mixing | summary | norm | broadcast | resize
+    kind: str  # mixing | summary | norm | broadcast | resize | gridpool
     module: str
     op: str
     extent: dict[int, float]
@@ -47,7 +49,7 @@ class Event:
     source: tuple | None = None  # broadcast: the summary's key
     out_sizes: tuple = ()  # resize: output spatial sizes
     in_sizes: tuple = ()
-    followed: bool = False  # resize: spatial processing after it
+    followed: bool = False  # resize, gridpool: spatial processing after it
     key: tuple = ()
     function: str = ""  # the model's function that made the call
     index: int = 0  # how many events of this op in this module came before
@@ -125,7 +127,8 @@ class _Recorder(TorchFunctionMode):
         self.layouts: dict[int, L.Layout] = {}
         self.active: set[int] = set()  # derived from the input
         self.summary: dict[int, frozenset] = {}  # summaries (keys) a tensor carries, not yet broadcast
-        self.resized: dict[int, frozenset] = {}  # resize events a tensor comes from
+        self.resized: dict[int, frozenset] = {}  # resize and grid-pool events a tensor comes from
+        self.pending_grid: tuple | None = None  # the grid-pool event of the call being recorded
         self.keep: list[Any] = []
         self.stack: list[tuple[str, int]] = []
         self.counts: dict[tuple, int] = {}
@@ -168,6 +171,8 @@ class _Recorder(TorchFunctionMode):
         if any(id(t) in self.active for t in inputs):
             self.active.add(id(out))
         res = frozenset().union(*(self.resized.get(id(t), frozenset()) for t in inputs))
+        if self.pending_grid is not None:
+            res |= {self.pending_grid}
         if res:
             self.resized[id(out)] = res
         summaries = [self.summary.get(id(t), frozenset()) for t in inputs]
@@ -220,6 +225,7 @@ class _Recorder(TorchFunctionMode):
                     return
             self.default(ins, outs)
         finally:
+            self.pending_grid = None
             self.track_positions(name, ins, outs)
             if name in ("mul", "multiply") and len(ins) == 2 and ins[0] is not ins[1] \
                     and all(id(t) in self.active for t in ins):
@@ -407,6 +413,7 @@ def _rule_matmul(r: _Recorder, x, args, kwargs, out, outs):
     if a.dim() < 2 or b.dim() < 2:
         return None
     la, lb = r.layout(a), r.layout(b)
+    r.mark_followed([a, b])
     if id(a) in r.active and id(b) in r.active:
         # both sides name the same contracted positions: count them once
         dims = [d for d in (la[-1], lb[-2]) if L.positional(d)][:1]
@@ -444,6 +451,7 @@ def _rule_sdpa(r: _Recorder, x, args, kwargs, out, outs):
     if not isinstance(k, TENSOR_LIKE):
         return None
     lq = r.layout(q)
+    r.mark_followed([q, k])
     if id(k) in r.active or id(q) in r.active:
         _contract_event(r, "scaled_dot_product_attention", [r.layout(k)[-2]], "attention")
     return [(*lq[:-1], L.channel(outs[0].shape[-1]))]
@@ -563,9 +571,14 @@ def _adaptive(r: _Recorder, x, o, n: int, op: str) -> L.Layout:
             pooled.append(lay[start + i])
             lay[start + i] = L.resample(lay[start + i], b, ratio, ratio - 1)
     if pooled and any(L.positional(p) for p in pooled):
-        ev = r.emit("summary", op, [tuple(L.Atom(at.axis, at.step, -(-at.length // int(o.shape[start + i])), at.span)
-                                          for at in p) for i, p in enumerate(pooled)])
+        cells = [tuple(L.Atom(at.axis, at.step, -(-at.length // int(o.shape[start + i])), at.span) for at in p)
+                 for i, p in enumerate(pooled)]
+        ev = r.emit("summary", op, cells)
         r.summary_next = ev.key
+        if L.is_positional(tuple(lay)):
+            # pooled to a grid of several cells (a pyramid-pooling level, a query pooled to the
+            # window grid): each cell summarises an extent that grows with the input
+            r.pending_grid = r.emit("gridpool", op, cells).key
     return tuple(lay)
 
 
@@ -585,6 +598,9 @@ def _with_summary(r: _Recorder, lays, outs, x):
         r.layouts[id(o)] = lay
         if id(x) in r.active:
             r.active.add(id(o))
+        res = r.resized.get(id(x), frozenset()) | ({r.pending_grid} if r.pending_grid is not None else set())
+        if res:
+            r.resized[id(o)] = res
         # a pool to a map of several positions is still a map: its summary is judged as positions
         if not L.is_positional(lay):
             r.summary[id(o)] = frozenset({key})
@@ -730,11 +746,14 @@ def _module_rule(r: _Recorder, mod: nn.Module, args: tuple, out: Any) -> None:
         op = [(*lq[:-1], L.channel(outs[0].shape[-1]))] + [L.unknown(t.shape) for t in outs[1:]]
     elif isinstance(mod, nn.Flatten):
         op = [_rule_view(r, x, (), {}, out, outs)[0]]
-    if op is None:
-        r.default([x], outs)
-        return
-    for t, lay in zip(outs, op):
-        r.set(t, lay, [x])
+    try:
+        if op is None:
+            r.default([x], outs)
+            return
+        for t, lay in zip(outs, op):
+            r.set(t, lay, [x])
+    finally:
+        r.pending_grid = None
 
 
 @contextlib.contextmanager
@@ -844,6 +863,11 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
             found.append(Finding("context", e.module, e.op,
                                  f"{e.detail} over all of {_axes_text(e.extent, axis_names)} (a summary of every "
                                  "position, applied back to the map)", function=e.function, index=e.index))
+        elif e.kind == "gridpool" and e.followed and _grows(e, twin, sizes):
+            found.append(Finding("context", e.module, e.op,
+                                 f"{e.op} to a grid of fixed size: each cell summarises a part of "
+                                 f"{_axes_text(e.extent, axis_names)} that grows with the input, and the grid "
+                                 "is used on the map again", function=e.function, index=e.index))
         elif e.kind == "resize" and e.followed:
             const = twin is not None and twin.out_sizes == e.out_sizes and twin.in_sizes != e.in_sizes
             if const and any(s > 1 for s in e.out_sizes):
