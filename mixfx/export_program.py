@@ -75,6 +75,8 @@ def fit_to_program(shapes: ExportShapes, accepts: Acceptance) -> ExportShapes:
         if fit is None or fit.static:
             fit = SpatialDim(d.name, d.axis, d.example, static=True,
                              why="the exported program accepts no regular set of sizes around the example")
+        if not fit.static:
+            fit.why += " (what the exported program accepts)"
         same = (fit.modulus, fit.residue, fit.min_size, fit.max_size) == (d.modulus, d.residue, d.min_size, d.max_size)
         dims.append(d if same else fit)
     if all(a is b for a, b in zip(dims, shapes.dims)):

@@ -146,3 +146,28 @@ def test_a_few_accepted_sizes_at_the_window_end_are_not_a_period():
     assert fit is not None and not fit.static and fit.k_max is None
     members = [s for s in range(1, 4000) if fit.accepts(s)]
     assert 256 in members and all(ok(s) for s in members)
+
+
+class ScaledPool(nn.Module):
+    """Pools to `floor(0.75*H) x ceil(0.6*W)`: rounding of a float multiple of a size."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        a, b = math.floor(h * 0.75), math.ceil(w * 0.6)
+        return F.adaptive_avg_pool2d(x, (a, b)).sum((2, 3)) + a * b
+
+
+def test_rounding_of_float_multiples_of_sizes_is_serialised_exactly(tmp_path):
+    from torch.export import Dim
+
+    from mixfx.export_program import make_serialisable
+
+    model = ScaledPool()
+    program = torch.export.export(model, (torch.randn(1, 3, 40, 50),),
+                                  dynamic_shapes={"x": {2: Dim.AUTO, 3: Dim.AUTO}}, strict=False)
+    assert make_serialisable(program) == 2
+    torch.export.save(program, str(tmp_path / "p.pt2"))
+    loaded = torch.export.load(str(tmp_path / "p.pt2")).module()
+    for shape in [(1, 3, 41, 53), (1, 3, 37, 29), (1, 3, 64, 71)]:  # 30.75 -> 30, 31.8 -> 32, ...
+        x = torch.randn(shape)
+        assert torch.equal(loaded(x), model(x)), shape
