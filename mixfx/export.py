@@ -270,7 +270,7 @@ def _sizes_the_program_accepts(program, shapes: ExportShapes, result: ExportResu
     if shapes.static:
         return []
     accepts = program_acceptance(program)
-    if accepts is None:
+    if accepts is None or not accepts(shapes.input_shape):  # its checks unreadable here: the runs decide
         return shapes.other_sizes()
     narrowed = fit_to_program(shapes, accepts)
     if narrowed is not shapes:
