@@ -83,8 +83,9 @@ def fit_to_program(shapes: ExportShapes, accepts: Acceptance) -> ExportShapes:
         return shapes
     narrowed = dataclasses.replace(shapes, dims=dims, notes=list(shapes.notes))
     narrowed.notes.append(
-        "torch.export specialised the program to fewer sizes than the model accepts (it guards a "
-        "branch taken at the example); the file accepts only " + "; ".join(narrowed.describe())
+        "torch.export specialised the program to fewer sizes than the analysis found (it guards "
+        "what it cannot prove for every size, e.g. a branch taken at the example); the file "
+        "accepts only " + "; ".join(narrowed.describe())
         + " (the analysis found " + "; ".join(shapes.describe()) + ")")
     return narrowed
 
