@@ -144,14 +144,16 @@ def export(
                                 + (f"; {shapes.pinned_by.cure}" if shapes.pinned_by.cure else ""))
         t0 = time.perf_counter()
         program = _torch_export(model, example_input, shapes, result)
+        sizes = _sizes_the_program_accepts(program, shapes, result)
+        shapes = result.shapes
         timings["export_s"] = time.perf_counter() - t0
         with _staging(target) as staged:
             t0 = time.perf_counter()
-            _write(program, example_input, staged, fmt)
+            _write(program, example_input, staged, fmt, result)
             timings["write_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             runner = _load(staged, fmt)
-            sizes = [tuple(example_input.shape), *shapes.other_sizes()]
+            sizes = [tuple(example_input.shape), *sizes]
             result.checks = [_check(model, runner, s, example_input.dtype, rtol) for s in sizes]
             timings["verify_s"] = time.perf_counter() - t0
             result.timings = timings
@@ -227,7 +229,7 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
             if not _is_constraint_violation(exc):
                 break
             try:
-                dynamic = refine_dynamic_shapes_from_suggested_fixes(str(exc), dynamic)
+                dynamic = refine_dynamic_shapes_from_suggested_fixes(_suggested_fixes(exc), dynamic)
             except Exception:  # noqa: BLE001 - no suggested fixes in the message
                 break
             result.dynamic_shapes_used = "mixfx+torch-refined"
@@ -243,6 +245,40 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
                           "Run with --debug for the full trace.") from exc
 
 
+def _suggested_fixes(exc: BaseException) -> str:
+    """The part of a constraint violation that `refine_dynamic_shapes_from_suggested_fixes`
+    parses: up to the end of the "Suggested fixes:" block (`str(exc)` appends a hint about
+    `draft_export()` after it, which that parser reads as a malformed fix)."""
+    text = getattr(exc, "msg", None) or str(exc)
+    head, sep, fixes = text.partition("Suggested fixes:")
+    if not sep:
+        return text
+    lines = []
+    for line in fixes.strip("\n").splitlines():
+        if " = " not in line:
+            break
+        lines.append(line)
+    return head + sep + "\n" + "\n".join(lines)
+
+
+def _sizes_the_program_accepts(program, shapes: ExportShapes, result: ExportResult) -> list[tuple[int, ...]]:
+    """The two other verification sizes, from the sizes the exported program itself accepts
+    (torch.export may have specialised it to fewer than the analysis found; `result.shapes`
+    then becomes the narrower spec, with a note)."""
+    from mixfx.export_program import accepted_other_sizes, fit_to_program, program_acceptance
+
+    if shapes.static:
+        return []
+    accepts = program_acceptance(program)
+    if accepts is None or not accepts(shapes.input_shape):  # its checks unreadable here: the runs decide
+        return shapes.other_sizes()
+    narrowed = fit_to_program(shapes, accepts)
+    if narrowed is not shapes:
+        result.shapes = narrowed
+        result.notes.append(narrowed.notes[-1])
+    return accepted_other_sizes(narrowed, accepts)
+
+
 def _first_line(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
@@ -251,9 +287,18 @@ def _first_line(exc: BaseException | None) -> str:
     return text[:300]
 
 
-def _write(program, x: torch.Tensor, staged: Path, fmt: str) -> None:
+def _write(program, x: torch.Tensor, staged: Path, fmt: str, result: ExportResult) -> None:
     if fmt == "pt2":
-        torch.export.save(program, str(staged))
+        from mixfx.export_program import make_serialisable
+
+        if make_serialisable(program):  # math.ceil/floor of sizes: torch.export.save refuses them
+            result.notes.append("math.ceil/floor of sizes in the exported graph were rewritten as "
+                                "integer ops so that torch.export.save can serialise it")
+        try:
+            torch.export.save(program, str(staged))
+        except Exception as exc:  # noqa: BLE001 - the serialiser raises its own kinds
+            raise ExportError(f"torch.export.save could not serialise the program: {_first_line(exc)}",
+                              "Export to ONNX instead (-o model.onnx), or run with --debug.") from exc
         return
     import logging
 

@@ -294,6 +294,24 @@ def _fit(name: str, axis: int, example: int, accepted: list[bool], *, bounded: b
     return None
 
 
+def fit_dim(name: str, axis: int, example: int, ok: Callable[[int], bool]) -> SpatialDim | None:
+    """`_fit` over the sizes `ok` accepts, in the narrow window first, then the wide one. An
+    unbounded fit from the narrow window must hold over the wide one too: a few accepted
+    members that happen to reach the narrow window's end are not a period (MobileViT's sizes,
+    57..64 mod 64, fit `62*k + 8` up to 448 and fail at 504)."""
+    widest = WINDOWS[-1](example)
+    for k, window in enumerate(WINDOWS):
+        last = k == len(WINDOWS) - 1
+        fit = _fit(name, axis, example, [ok(x) for x in range(1, window(example) + 1)], bounded=last)
+        if fit is None:
+            continue
+        if not last and not fit.static and fit.k_max is None and not all(
+                ok(x) for x in range(example, widest + 1, fit.modulus)):
+            continue
+        return fit
+    return None
+
+
 def _fit_pass(name: str, axis: int, example: int, accepted: list[bool], *, allow_bounded: bool) -> SpatialDim | None:
     n = len(accepted)
     for m in range(1, n // MIN_POINTS + 1):
@@ -378,13 +396,7 @@ def derive_export_shapes(
                 memo[x] = all(p(**{**example, name: x}) for p in mine)
             return memo[x]
 
-        fit = None
-        for k, window in enumerate(WINDOWS):
-            n = window(example[name])
-            last = k == len(WINDOWS) - 1
-            fit = _fit(name, 2 + i, example[name], [ok(x) for x in range(1, n + 1)], bounded=last)
-            if fit is not None:
-                break
+        fit = fit_dim(name, 2 + i, example[name], ok)
         spec.dims.append(fit or SpatialDim(name, 2 + i, example[name], static=True,
                                            why=f"no regular set of sizes around {example[name]} meets the guards"))
     if not spec.static:
