@@ -457,7 +457,7 @@ class ShapeRules:
         if name in ("add", "mul", "sub", "div") and len(args) == 2:
             return self.elementwise(x, rest[0])
         if name == "view" and rest and not (len(rest) == 1 and isinstance(rest[0], torch.dtype)):
-            return self.reshape(x, rest) if _strides(x) is None else NOT_HANDLED
+            return self.reshape(x, rest) if _strides(x) is None else self.split_view(x, rest)
         if name == "permute":
             return self.permute(x, rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
         if name in ("transpose", "swapaxes", "swapdims") and len(rest) == 2:
@@ -477,6 +477,59 @@ class ShapeRules:
         if name == "reshape_as" and len(rest) == 1 and isinstance(rest[0], TENSOR_LIKE):
             return self.reshape(x, (tuple(rest[0].shape),))
         return NOT_HANDLED
+
+    def split_view(self, x: Any, sizes: tuple) -> Any:
+        """`view` of a strided tensor that only splits dims (`view(B, H//8, 8, W//8, 8, C)` of a
+        permuted map), on symbolic sizes: each dim's stride is split, and a dim whose parts are not
+        structurally its size gets torch's check (`8*(H//8) == H`, a guard). torch's own `view`
+        splits off the outer part and writes the inner one `H//(H//8)`: windowed models' sizes
+        then nest at every stage. Anything else (merges, -1, sizes of 1 that are symbols) runs
+        normally."""
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        if isinstance(x, ShapeOnly) or not all(isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool)
+                                               for d in sizes):
+            return NOT_HANDLED
+        if not any(isinstance(d, torch.SymInt) for d in (*sizes, *x.shape)):
+            return NOT_HANDLED
+        hint = [_hint(d) for d in sizes]
+        in_hint = [_hint(d) for d in x.shape]
+        if None in hint or None in in_hint or any(h < 1 for h in hint) \
+                or any(h == 1 and not isinstance(d, int) for h, d in zip((*hint, *in_hint), (*sizes, *x.shape))):
+            return NOT_HANDLED
+        strides = x.stride()
+        out_strides: list = [None] * len(sizes)
+        j = 0
+        for i, (s, st) in enumerate(zip(x.shape, strides)):
+            if isinstance(s, int) and s == 1:
+                continue
+            while j < len(sizes) and hint[j] == 1:
+                out_strides[j] = 1
+                j += 1
+            start, prod = j, 1
+            while j < len(sizes) and prod < in_hint[i]:
+                prod *= hint[j]
+                j += 1
+            if prod != in_hint[i] or j == start:
+                return NOT_HANDLED
+            run = sizes[start:j]
+            if len(run) > 1 or _expr(run[0]) != _expr(s):
+                if _factors([_expr(d) for d in run], read_max1=False) != _factors([_expr(s)], read_max1=False):
+                    total = 1
+                    for d in run:
+                        total = total * d
+                    if total != s:  # torch's check, as a guard on the sizes
+                        raise RuntimeError(f"shape '{list(sizes)}' is invalid for input of size {x.numel()}")
+            inner = st
+            for k in range(j - 1, start - 1, -1):
+                out_strides[k] = inner
+                inner = inner * sizes[k]
+        while j < len(sizes) and hint[j] == 1:
+            out_strides[j] = 1
+            j += 1
+        if j != len(sizes) or any(st is None for st in out_strides):
+            return NOT_HANDLED
+        return self._view(x, tuple(sizes), tuple(out_strides))
 
     def same_layout(self, x: Any, dim: Any) -> Any:
         """softmax-like ops: the input's shape (and layout), after the dim check."""
@@ -805,6 +858,13 @@ def _same_product(stride: Any, sizes: tuple) -> bool:
     (`F.pad`'s output) looks strided, and `.view` goes to torch's reshape, whose `split_dim`
     writes a window of 7 as `Hp//(Hp//7)`: Swin's sizes then grow without bound."""
     return _factors([_expr(stride)]) == _factors([_expr(s) for s in sizes])
+
+
+def _hint(d: Any) -> int | None:
+    if isinstance(d, int):
+        return d
+    h = d.node.hint
+    return int(h) if h is not None else None
 
 
 def _known_nonnegative(v: Any) -> bool:
