@@ -112,3 +112,34 @@ def test_analyze_gives_back_the_objects_it_set_aside():
     with pytest.raises(mixfx.errors.MixfxError):
         mixfx.analyze(m, torch.empty(1, 5, 32, 32, device="meta"))  # wrong channel count
     assert gc.get_freeze_count() == before and gc.isenabled()
+
+
+def test_a_view_that_splits_a_permuted_map_keeps_its_window_and_strides():
+    """`view(B, H//8, 8, W//8, 8, C)` of a channels-last permute (MaxViT's, GCViT's window
+    partition): the rule gives the literal 8 and the strides torch's kernel gives at real sizes."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from mixfx.shape_rules import NOT_HANDLED, ShapeRules
+
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    dyn = [DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.DYNAMIC]
+    x = mode.from_tensor(torch.empty(1, 16, 64, 96, device="meta"),
+                         symbolic_context=StatelessSymbolicContext(dynamic_sizes=dyn))
+    h, w = x.shape[2].node.expr, x.shape[3].node.expr
+    with mode, enable_python_dispatcher():
+        y = x.permute(0, 2, 3, 1)
+        H, W = y.shape[1], y.shape[2]
+        out = ShapeRules().method("view", (y, 1, H // 8, 8, W // 8, 8, 16), {})
+    assert out is not NOT_HANDLED
+    assert out.shape[2] == 8 and out.shape[4] == 8
+    for hv, wv in [(64, 96), (128, 40), (8, 256)]:
+        real = torch.empty(1, 16, hv, wv, device="meta").permute(0, 2, 3, 1).view(1, hv // 8, 8, wv // 8, 8, 16)
+        at = {h: hv, w: wv}
+        sizes = tuple(int(d.node.expr.xreplace(at)) if isinstance(d, torch.SymInt) else d for d in out.shape)
+        strides = tuple(int(d.node.expr.xreplace(at)) if isinstance(d, torch.SymInt) else d for d in out.stride())
+        assert sizes == tuple(real.shape)
+        # strides of size-1 dims mean nothing (torch's contiguity and `view` ignore them)
+        assert [s for s, n in zip(strides, sizes) if n != 1] == [s for s, n in zip(real.stride(), sizes) if n != 1]
