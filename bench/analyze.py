@@ -2,6 +2,7 @@
 the naive check (real forwards at three sizes), plus time per node against depth.
 
     python bench/analyze.py [--models resnet50,convnext_tiny,...] [--runs 3] [--skip-naive]
+    python bench/analyze.py --against DIR --models a,b,c [--runs 3]   # old code in DIR vs this one
 
 Each model is measured in a fresh subprocess (so ru_maxrss is its own): meta build, one warm-up
 analysis, then the median of --runs analyses; export and naive baselines in the same process.
@@ -78,6 +79,77 @@ def measure(name: str, runs: int, naive: bool) -> dict:
     return out
 
 
+def cpu_one(name: str, runs: int) -> dict:
+    """CPU seconds of the model's first analysis in a process (after a warm-up on a tiny model,
+    as the CLI and the zoo run it) and the median of `runs` more, and what it concluded: CPU, not
+    wall, so that a busy machine does not blur an old-vs-new comparison."""
+    import torch
+    from torch import nn
+
+    import mixfx
+
+    with torch.device("meta"):
+        tiny = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    mixfx.analyze(tiny, torch.empty(1, 3, 64, 64, device="meta"))
+    m = build_timm(name, meta=True)
+    x = torch.empty(timm_input_shape(m), device="meta")
+    times, rep = [], None
+    for _ in range(1 + runs):
+        t0 = time.process_time()
+        rep = mixfx.analyze(m, x, name=name)
+        times.append(time.process_time() - t0)
+    return {"model": name, "cpu_s": times[0], "cpu_warm_s": statistics.median(times[1:]),
+            "classification": rep.classification,
+            "rigid": [f"{r.module or r.node}|{r.kind}" for r in rep.rigid_nodes],
+            "head": rep.head.module or rep.head.node if rep.head else None,
+            "global_mixing": [g.module or g.node for g in rep.global_mixing],
+            "global_context": [g.module or g.node for g in rep.global_context],
+            "stopped": any("[timeout]" in n for n in rep.notes)}
+
+
+def against(models: list[str], other: str, runs: int) -> int:
+    """Each model analysed by the code in `other` (a checkout of an older commit) and by this one,
+    alternately, each in its own subprocess; a table of CPU medians and verdict differences."""
+    import os
+
+    here = str(Path(__file__).resolve().parent.parent)
+    rows = []
+    print(f"{'CPU s (first, repeated)':28s} {'old':>15s}       {'new':>15s}")
+    for name in models:
+        row: dict = {"model": name}
+        for label, root in (("old", other), ("new", here)):
+            env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+            p = subprocess.run([sys.executable, str(Path(root) / "bench" / "analyze.py"), "--cpu-one", name,
+                                "--runs", str(runs)], capture_output=True, text=True, env=env)
+            try:
+                row[label] = json.loads(p.stdout.strip().splitlines()[-1])
+            except Exception:  # noqa: BLE001
+                row[label] = {"error": p.stderr[-300:]}
+        old, new = row["old"], row["new"]
+        keys = ("classification", "rigid", "head", "global_mixing", "global_context")
+        row["same"] = [k for k in keys if old.get(k) != new.get(k)] or "all"
+        rows.append(row)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "analyze_against.json").write_text(json.dumps(rows, indent=2))  # as rows finish
+        print(f"{name[:28]:28s} old {old.get('cpu_s', float('nan')):5.2f} {old.get('cpu_warm_s', float('nan')):5.2f}"
+              f"{' stop' if old.get('stopped') else '     '}  new {new.get('cpu_s', float('nan')):5.2f} "
+              f"{new.get('cpu_warm_s', float('nan')):5.2f}{' stop' if new.get('stopped') else '     '}  "
+              f"{'' if row['same'] == 'all' else 'differ: ' + ','.join(row['same'])}", flush=True)
+    ok = [r for r in rows if "cpu_s" in r["old"] and "cpu_s" in r["new"]]
+    if ok:
+        mo = statistics.median(r["old"]["cpu_s"] for r in ok)
+        mn = statistics.median(r["new"]["cpu_s"] for r in ok)
+        wo = statistics.median(r["old"]["cpu_warm_s"] for r in ok)
+        wn = statistics.median(r["new"]["cpu_warm_s"] for r in ok)
+        print(f"median CPU per analysis, first in its process: old {mo:.3f} s, new {mn:.3f} s (x{mo / mn:.2f}); "
+              f"repeated: old {wo:.3f} s, new {wn:.3f} s (x{wo / wn:.2f}); "
+              f"stopped by the budget: old {sum(r['old'].get('stopped', False) for r in ok)}, "
+              f"new {sum(r['new'].get('stopped', False) for r in ok)} of {len(ok)}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "analyze_against.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def depth_scaling(runs: int) -> dict:
     import torch
     from torch import nn
@@ -111,7 +183,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--depth", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--against", help="a checkout of older code: compare CPU time and verdicts with it")
+    ap.add_argument("--cpu-one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.cpu_one:
+        print(json.dumps(cpu_one(args.cpu_one, args.runs)))
+        return 0
+    if args.against:
+        return against(args.models.split(","), args.against, args.runs)
     if args.one:
         print(json.dumps(measure(args.one, args.runs, not args.skip_naive)))
         return 0

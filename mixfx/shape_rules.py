@@ -12,6 +12,7 @@ transposed or reflect-padded convolutions, ...): the op then runs normally.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -456,7 +457,7 @@ class ShapeRules:
         if name in ("add", "mul", "sub", "div") and len(args) == 2:
             return self.elementwise(x, rest[0])
         if name == "view" and rest and not (len(rest) == 1 and isinstance(rest[0], torch.dtype)):
-            return self.reshape(x, rest) if _strides(x) is None else NOT_HANDLED
+            return self.reshape(x, rest) if _strides(x) is None else self.split_view(x, rest)
         if name == "permute":
             return self.permute(x, rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
         if name in ("transpose", "swapaxes", "swapdims") and len(rest) == 2:
@@ -476,6 +477,59 @@ class ShapeRules:
         if name == "reshape_as" and len(rest) == 1 and isinstance(rest[0], TENSOR_LIKE):
             return self.reshape(x, (tuple(rest[0].shape),))
         return NOT_HANDLED
+
+    def split_view(self, x: Any, sizes: tuple) -> Any:
+        """`view` of a strided tensor that only splits dims (`view(B, H//8, 8, W//8, 8, C)` of a
+        permuted map), on symbolic sizes: each dim's stride is split, and a dim whose parts are not
+        structurally its size gets torch's check (`8*(H//8) == H`, a guard). torch's own `view`
+        splits off the outer part and writes the inner one `H//(H//8)`: windowed models' sizes
+        then nest at every stage. Anything else (merges, -1, sizes of 1 that are symbols) runs
+        normally."""
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        if isinstance(x, ShapeOnly) or not all(isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool)
+                                               for d in sizes):
+            return NOT_HANDLED
+        if not any(isinstance(d, torch.SymInt) for d in (*sizes, *x.shape)):
+            return NOT_HANDLED
+        hint = [_hint(d) for d in sizes]
+        in_hint = [_hint(d) for d in x.shape]
+        if None in hint or None in in_hint or any(h < 1 for h in hint) \
+                or any(h == 1 and not isinstance(d, int) for h, d in zip((*hint, *in_hint), (*sizes, *x.shape))):
+            return NOT_HANDLED
+        strides = x.stride()
+        out_strides: list = [None] * len(sizes)
+        j = 0
+        for i, (s, st) in enumerate(zip(x.shape, strides)):
+            if isinstance(s, int) and s == 1:
+                continue
+            while j < len(sizes) and hint[j] == 1:
+                out_strides[j] = 1
+                j += 1
+            start, prod = j, 1
+            while j < len(sizes) and prod < in_hint[i]:
+                prod *= hint[j]
+                j += 1
+            if prod != in_hint[i] or j == start:
+                return NOT_HANDLED
+            run = sizes[start:j]
+            if len(run) > 1 or _expr(run[0]) != _expr(s):
+                if _factors([_expr(d) for d in run], read_max1=False) != _factors([_expr(s)], read_max1=False):
+                    total = 1
+                    for d in run:
+                        total = total * d
+                    if total != s:  # torch's check, as a guard on the sizes
+                        raise RuntimeError(f"shape '{list(sizes)}' is invalid for input of size {x.numel()}")
+            inner = st
+            for k in range(j - 1, start - 1, -1):
+                out_strides[k] = inner
+                inner = inner * sizes[k]
+        while j < len(sizes) and hint[j] == 1:
+            out_strides[j] = 1
+            j += 1
+        if j != len(sizes) or any(st is None for st in out_strides):
+            return NOT_HANDLED
+        return self._view(x, tuple(sizes), tuple(out_strides))
 
     def same_layout(self, x: Any, dim: Any) -> Any:
         """softmax-like ops: the input's shape (and layout), after the dim check."""
@@ -577,13 +631,19 @@ class ShapeRules:
         free = [i for i, d in enumerate(sizes) if isinstance(d, int) and d == -1]
         if len(free) > 1 or any(isinstance(d, int) and d < -1 for d in sizes):
             return NOT_HANDLED
+        given = [d for i, d in enumerate(sizes) if i not in free]
+        exact = _exact_quotient(tuple(x.shape), given)
+        if exact is not None:  # the sizes' factors are among the input's: no division, no guard
+            if free:
+                return self.empty(x, tuple(exact if i in free else d for i, d in enumerate(sizes)))
+            if isinstance(exact, int) and exact == 1:
+                return self.empty(x, sizes)
         numel = 1
         for d in x.shape:
             numel = numel * d
         known = 1
-        for i, d in enumerate(sizes):
-            if i not in free:
-                known = known * d
+        for d in given:
+            known = known * d
         if free:
             if known == 0 or numel % known != 0:
                 raise RuntimeError(f"shape '{list(sizes)}' is invalid for input of size {numel}")
@@ -638,6 +698,8 @@ class ShapeRules:
             if training and not (all(isinstance(d, int) for d in args[0].shape) and args[0].numel() > args[0].shape[1]):
                 return NOT_HANDLED  # training mode needs more than one value per channel: let it check
             return args[0]
+        if target is F.pad and args and isinstance(args[0], TENSOR_LIKE):
+            return self.pad(*args, **kwargs)
         if target is F.adaptive_avg_pool2d and len(args) == 2 and isinstance(args[0], TENSOR_LIKE) and not kwargs:
             return self.adaptive_pool2d(*args)
         if target is F.interpolate and args and isinstance(args[0], TENSOR_LIKE):
@@ -666,6 +728,24 @@ class ShapeRules:
             if isinstance(shape, (tuple, list, torch.Size)):
                 return self.layer_norm(args[0], tuple(shape))
         return NOT_HANDLED
+
+    def pad(self, x: Any, pad: Any, mode: str = "constant", value: Any = None) -> Any:
+        """Constant padding by non-negative amounts, on symbolic sizes only (concrete runs keep
+        the kernel). A size padded up to a multiple (`H + (7 - H % 7) % 7`) is written
+        `7*((H + 6)//7)`, so that `Hp // 7` and a view into 7-wide windows cancel exactly."""
+        if mode != "constant" or not isinstance(pad, (tuple, list)) or len(pad) % 2 or len(pad) // 2 > x.dim() \
+                or not (value is None or isinstance(value, (int, float))):
+            return NOT_HANDLED
+        if not any(isinstance(v, torch.SymInt) for v in (*pad, *x.shape)):
+            return NOT_HANDLED
+        if not all(isinstance(p, (int, torch.SymInt)) and not isinstance(p, bool) and _known_nonnegative(p)
+                   for p in pad):
+            return NOT_HANDLED
+        sizes = list(x.shape)
+        for i in range(len(pad) // 2):
+            d = x.dim() - 1 - i
+            sizes[d] = _rounded_up(sizes[d] + pad[2 * i] + pad[2 * i + 1])
+        return self.empty(x, tuple(sizes))
 
     def matmul(self, a: Any, b: Any) -> Any:
         """Batched matmul with equal batch dims (broadcasting ones run normally)."""
@@ -762,10 +842,114 @@ def _strides(x: Any) -> tuple | None:
     if isinstance(x, ShapeOnly):
         return x.strides
     strides = x.stride()
-    want = contiguous_strides(tuple(x.shape))
-    if all(_expr(a) == _expr(b) or _is_one(n) for a, b, n in zip(strides, want, x.shape)):
+    shape = tuple(x.shape)
+    want = contiguous_strides(shape)
+    if all(_expr(a) == _expr(b) or _is_one(n) or _same_product(a, shape[i + 1:])
+           for i, (a, b, n) in enumerate(zip(strides, want, shape))):
         return None
     return tuple(strides)
+
+
+def _same_product(stride: Any, sizes: tuple) -> bool:
+    """Is `stride` the product of `sizes`, written as torch writes a fresh tensor's strides
+    (`96*Max(1, H)*Max(1, W)`, where `contiguous_strides` gives `H*(96*W)`)? Compared factor by
+    factor, `Max(1, e)` read as `e` (they differ only at e == 0, where the tensor is empty and
+    any view of it is valid): structural, so it adds no guard. Without it every padded map
+    (`F.pad`'s output) looks strided, and `.view` goes to torch's reshape, whose `split_dim`
+    writes a window of 7 as `Hp//(Hp//7)`: Swin's sizes then grow without bound."""
+    return _factors([_expr(stride)]) == _factors([_expr(s) for s in sizes])
+
+
+def _hint(d: Any) -> int | None:
+    if isinstance(d, int):
+        return d
+    h = d.node.hint
+    return int(h) if h is not None else None
+
+
+def _known_nonnegative(v: Any) -> bool:
+    if isinstance(v, int):
+        return v >= 0
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(v >= 0)  # no guard: value ranges only
+
+
+def _rounded_up(size: Any) -> Any:
+    """`x + Mod(k - Mod(x, k), k)` (and `x + Mod(x, 2)`), a size padded up to a multiple of k,
+    as the equal `k*FloorDiv(x + k - 1, k)`; anything else unchanged."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+    mods = (Mod, PythonMod)
+    e = size.node.expr
+    if not getattr(e, "is_Add", False) or len(e.args) != 2:
+        return size
+    for x, m in (e.args, e.args[::-1]):
+        if not isinstance(m, mods) or not getattr(m.args[1], "is_Integer", False) or int(m.args[1]) < 2:
+            continue
+        k = int(m.args[1])
+        inner = m.args[0]
+        up = (k == 2 and inner == x) or (getattr(inner, "is_Add", False) and len(inner.args) == 2 and k in inner.args
+                                          and any(isinstance(-t, mods) and (-t).args == (x, m.args[1])
+                                                  for t in inner.args))
+        if up:
+            env = size.node.shape_env
+            return env.create_symintnode(k * FloorDiv(x + k - 1, k), hint=size.node.hint)
+    return size
+
+
+def _exact_quotient(dims: tuple, by: list) -> Any:
+    """prod(dims) / prod(by) when every factor of `by` is a factor of `dims` (as an int or a
+    SymInt of the same ShapeEnv), else None. `view(-1, Hp//7, Wp//7, 7, 7, C)` of a tensor of
+    (Hp//7)*(Wp//7) windows then infers 1, where `numel // known` writes a quotient of two
+    products that sympy cannot cancel (Swin: expressions that double with every block)."""
+    symbolic = [d for d in (*dims, *by) if isinstance(d, torch.SymInt)]
+    if not symbolic:
+        return None
+    env = symbolic[0].node.shape_env
+    if env is None or any(d.node.shape_env is not env for d in symbolic):
+        return None
+    n_coeff, n_rest = _factors([_expr(d) for d in dims], read_max1=False)
+    k_coeff, k_rest = _factors([_expr(d) for d in by], read_max1=False)
+    if k_coeff == 0 or n_coeff % k_coeff or any(n_rest.get(f, 0) < p for f, p in k_rest.items()):
+        return None
+    expr: Any = n_coeff // k_coeff
+    for f, p in n_rest.items():
+        if p > k_rest.get(f, 0):
+            expr = expr * f ** (p - k_rest.get(f, 0))
+    if isinstance(expr, int) or getattr(expr, "is_Number", False):
+        return int(expr)
+    hints = [d.node.hint if isinstance(d, torch.SymInt) else d for d in (*dims, *by)]
+    hint = None
+    if all(isinstance(h, int) for h in hints):
+        num, den = math.prod(hints[:len(dims)]), math.prod(hints[len(dims):])
+        hint = num // den if den else None
+    return env.create_symintnode(expr, hint=hint)
+
+
+def _factors(exprs: list, read_max1: bool = True) -> tuple[Any, dict]:
+    """(numeric coefficient, {factor: power}) of a product of size expressions; with
+    `read_max1`, `Max(1, e)` (a stride) counts as `e`."""
+    from torch.utils._sympy.functions import Max
+
+    coeff: Any = 1
+    rest: dict = {}
+    stack = list(exprs)
+    while stack:
+        e = stack.pop()
+        if isinstance(e, int) or getattr(e, "is_Number", False):
+            coeff = coeff * int(e)
+        elif getattr(e, "is_Mul", False):
+            stack.extend(e.args)
+        elif getattr(e, "is_Pow", False) and getattr(e.args[1], "is_Integer", False) and int(e.args[1]) > 0:
+            stack.extend([e.args[0]] * int(e.args[1]))
+        elif read_max1 and isinstance(e, Max) and len(e.args) == 2 and 1 in e.args:
+            stack.append(e.args[1] if e.args[0] == 1 else e.args[0])
+        else:
+            rest[e] = rest.get(e, 0) + 1
+    return coeff, rest
 
 
 def _view_strides(x: Any) -> tuple:

@@ -8,7 +8,10 @@ the extent it combines (`locality`) -> verdict, constraints, output formula.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
+import threading
 import time
 from typing import Any, Sequence
 
@@ -638,6 +641,28 @@ def _summary(r: AnalysisReport) -> str:
 
 
 # ----------------------------------------------------------------------------- public entry point
+_frozen = threading.local()
+
+
+@contextlib.contextmanager
+def _collect_own_garbage_only() -> Any:
+    """A full garbage collection walks every object the process holds: with torch, timm and
+    sympy loaded, 0.15-0.3 CPU-s each, and an analysis allocates enough to trigger several (a
+    ResNet-50: 0.46 s with them, 0.16 s without). `gc.freeze()` sets the objects that exist
+    before the analysis aside (O(1)), so collections during it walk only its own; `unfreeze()`
+    gives them back to the oldest generation. Outermost call only (an analysis inside one)."""
+    if getattr(_frozen, "active", False) or not gc.isenabled():
+        yield
+        return
+    _frozen.active = True
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        _frozen.active = False
+
+
 def analyze(
     model: nn.Module | TraceResult,
     example_input: torch.Tensor | None = None,
@@ -655,6 +680,13 @@ def analyze(
 
     Raises `InputSpecError` if the model fails on its own example input and `TraceError` if it
     cannot be traced."""
+    with _collect_own_garbage_only():
+        return _analyze(model, example_input, input_shape=input_shape, leaves=leaves, name=name,
+                        symbolic_budget_s=symbolic_budget_s)
+
+
+def _analyze(model: nn.Module | TraceResult, example_input: torch.Tensor | None, *, input_shape: Sequence[int] | None,
+             leaves: Sequence[Leaf], name: str | None, symbolic_budget_s: float | None) -> AnalysisReport:
     t_start = time.perf_counter()
     if example_input is None:
         shape = tuple(input_shape) if input_shape else (1, 3, 224, 224)
