@@ -21,7 +21,7 @@ from torch import nn
 
 from mixfx.errors import MixfxError, OutputError, UsageError, VerificationError
 from mixfx.export_shapes import ExportShapes, derive_export_shapes
-from mixfx.shapes import flatten_outputs
+from mixfx.shapes import _light_floordiv_simplify, flatten_outputs  # torch.export's FloorDiv: see there
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 RTOL = 1e-4  # max abs error <= RTOL * max |eager output|
@@ -143,11 +143,19 @@ def export(
             result.notes.append("`--to polymorphic` (mixfx.rewrite(model, to='polymorphic')) may cure it"
                                 + (f"; {shapes.pinned_by.cure}" if shapes.pinned_by.cure else ""))
         t0 = time.perf_counter()
-        program = _torch_export(model, example_input, shapes, result)
+        with _light_floordiv_simplify():
+            program = _torch_export(model, example_input, shapes, result)
+        if result.dynamic_shapes_used != "mixfx":  # torch chose the dims: read what it assumed
+            from mixfx.export_domain import narrow_to_program
+
+            shapes, narrowed = narrow_to_program(shapes, program)
+            result.shapes = shapes
+            result.notes.extend(narrowed)
         timings["export_s"] = time.perf_counter() - t0
         with _staging(target) as staged:
             t0 = time.perf_counter()
-            _write(program, example_input, staged, fmt)
+            with _light_floordiv_simplify():  # the ONNX converter re-traces the program
+                result.notes.extend(_write(program, example_input, staged, fmt))
             timings["write_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             runner = _load(staged, fmt)
@@ -251,20 +259,48 @@ def _first_line(exc: BaseException | None) -> str:
     return text[:300]
 
 
-def _write(program, x: torch.Tensor, staged: Path, fmt: str) -> None:
+def _write(program, x: torch.Tensor, staged: Path, fmt: str) -> list[str]:
+    """Write the file; returns notes on how (an ONNX conversion that needed a decomposition)."""
     if fmt == "pt2":
         torch.export.save(program, str(staged))
-        return
+        return []
     import logging
 
+    log = logging.getLogger(__name__)
     try:
-        with _quiet_onnx():
-            onnx_program = torch.onnx.export(program, (x,), dynamo=True, optimize=True, verbose=False)
-            onnx_program.save(str(staged))
+        _write_onnx(program, x, staged)
+        return []
     except Exception as exc:  # noqa: BLE001 - the ONNX exporter raises its own kinds
-        logging.getLogger(__name__).debug("onnx export failed", exc_info=True)
-        raise ExportError(f"the ONNX exporter could not convert the exported program: {_first_line(exc)}",
+        log.debug("onnx export failed", exc_info=True)
+        first = exc
+    # The converter lacks a translation for some op form (onnxscript's scaled_dot_product_attention
+    # takes 4-D inputs only; window attention passes 5-D): lower the program to core ATen, whose
+    # ops all translate, and convert again. The verification that follows checks the result.
+    try:
+        decomposed = program.run_decompositions()
+        _write_onnx(decomposed, x, staged)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("onnx export after decomposition failed", exc_info=True)
+        raise ExportError(f"the ONNX exporter could not convert the exported program: {_root_cause(first)}",
                           "Export a torch.export program instead (-o model.pt2), or run with --debug.") from exc
+    return [f"the ONNX exporter could not convert the program as exported ({_root_cause(first)[:120]}); "
+            "converted after decomposing it to core ATen ops"]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's first line: the ONNX exporter wraps the reason
+    ("only 4D query, key, and value are supported") in two generic ConversionErrors."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return _first_line(exc)
+
+
+def _write_onnx(program, x: torch.Tensor, staged: Path) -> None:
+    with _quiet_onnx():
+        onnx_program = torch.onnx.export(program, (x,), dynamo=True, optimize=True, verbose=False)
+        onnx_program.save(str(staged))
 
 
 @contextlib.contextmanager
