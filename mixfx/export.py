@@ -8,6 +8,7 @@ behind, and an existing file is replaced atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from mixfx.shapes import _light_floordiv_simplify, flatten_outputs  # torch.expo
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 RTOL = 1e-4  # max abs error <= RTOL * max |eager output|
+DYNAMIC_EXPORT_BUDGET_S = 60.0  # CPU seconds for torch.export with dynamic dims (all attempts)
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -143,8 +145,8 @@ def export(
             result.notes.append("`--to polymorphic` (mixfx.rewrite(model, to='polymorphic')) may cure it"
                                 + (f"; {shapes.pinned_by.cure}" if shapes.pinned_by.cure else ""))
         t0 = time.perf_counter()
-        with _light_floordiv_simplify():
-            program = _torch_export(model, example_input, shapes, result)
+        program = _export_within_budget(model, example_input, shapes, result)
+        shapes = result.shapes
         if result.dynamic_shapes_used != "mixfx":  # torch chose the dims: read what it assumed
             from mixfx.export_domain import narrow_to_program
 
@@ -249,6 +251,32 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export could not export the model: {_first_line(first_error)}",
                           "Run with --debug for the full trace.") from exc
+
+
+def _export_within_budget(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, result: ExportResult):
+    """`_torch_export` within DYNAMIC_EXPORT_BUDGET_S CPU seconds; past that, a static export
+    at the example size, said in a note (and in `result.shapes`, so a later export reusing
+    them goes static at once). torch.export's symbolic trace can take many minutes where size
+    expressions nest deeply (HaloNet's halo padding: sympy bounding nested floor divisions),
+    far longer than the symbolic run mixfx's own analysis does under its own budget."""
+    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+
+    result.shapes = shapes
+    if shapes.static:
+        return _torch_export(model, x, shapes, result)
+    try:
+        with _light_floordiv_simplify(), time_budget(DYNAMIC_EXPORT_BUDGET_S):
+            return _torch_export(model, x, shapes, result)
+    except SymbolicBudgetExceeded:
+        pass
+    size = "x".join(map(str, (x.shape[d.axis] for d in shapes.dims)))
+    why = f"torch.export's dynamic trace took over {DYNAMIC_EXPORT_BUDGET_S:g} CPU s"
+    result.shapes = dataclasses.replace(
+        shapes, dims=[dataclasses.replace(d, static=True, why=why) for d in shapes.dims], notes=list(shapes.notes))
+    result.dynamic_shapes_used = "static"
+    result.notes.append(f"{why} (sympy on the nested size expressions): exported static at {size}; "
+                        f"the dynamic spec was {'; '.join(shapes.describe())}")
+    return _torch_export(model, x, result.shapes, result)
 
 
 def _first_line(exc: BaseException | None) -> str:

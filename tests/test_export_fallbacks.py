@@ -137,3 +137,30 @@ def test_onnx_converter_failure_after_decomposition_is_a_clear_error(tmp_path, m
         export_module._write(program, x, tmp_path / "lin.onnx", "onnx")
     assert "Failed to convert" not in str(info.value)
     assert len(calls) == 2 and calls[1] is not program  # tried again on the decomposed program
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_dynamic_export_over_its_budget_goes_static_and_says_so(tmp_path, monkeypatch):
+    """A dynamic trace past its CPU budget (HaloNet's took minutes) is abandoned for a static
+    export at the example size: verified there, reported, and refused at another size."""
+    monkeypatch.setattr(export_module, "DYNAMIC_EXPORT_BUDGET_S", 0.001)
+    model = _model(SmallCNN)
+    x = torch.randn(1, 3, 32, 48)
+    result = mixfx.export(model, x, tmp_path / "cnn.pt2")
+    assert result.verified and result.shapes.static and result.dynamic_shapes_used == "static"
+    assert [c.input_shape for c in result.checks] == [[1, 3, 32, 48]]
+    assert any("CPU s" in n and "static" in n for n in result.notes)
+    program = torch.export.load(str(tmp_path / "cnn.pt2")).module()
+    with torch.no_grad():
+        assert _close(program(x), model(x))
+        with pytest.raises(Exception):  # noqa: B017 - static: another size is refused
+            program(torch.randn(1, 3, 40, 48))
