@@ -57,7 +57,7 @@ def _input_dim_exprs(program, shapes: ExportShapes) -> dict[str, Any] | None:
     return out
 
 
-def _solve_root(expr, name: str):
+def _solve_root(expr):
     """For a dim spelled `a*s + b` (a derived Dim): (s, a, b); None for anything else."""
     free = list(expr.free_symbols)
     if len(free) != 1:
@@ -90,7 +90,7 @@ def program_guards(program, shapes: ExportShapes) -> tuple[list[ProgramGuard], d
     for name, expr in dims.items():
         if isinstance(expr, int):
             continue
-        solved = _solve_root(expr, name)
+        solved = _solve_root(expr)
         if solved is not None and solved[0] not in roots:
             roots[solved[0]] = (name, solved[1], solved[2])
     if not roots:
