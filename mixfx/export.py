@@ -26,7 +26,7 @@ from mixfx.shapes import _light_floordiv_simplify, flatten_outputs  # torch.expo
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 RTOL = 1e-4  # max abs error <= RTOL * max |eager output|
-DYNAMIC_EXPORT_BUDGET_S = 60.0  # CPU seconds for torch.export with dynamic dims (all attempts)
+DYNAMIC_EXPORT_BUDGET_S = 60.0  # CPU seconds for one torch.export call with dynamic dims
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -228,7 +228,7 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
     first_error: BaseException | None = None
     for _ in range(3):
         try:
-            return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+            return _export_once(model, x, dynamic, budget=not shapes.static)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds; sorted out below
             if shapes.static:
                 raise ExportError(f"torch.export could not export the model: {_first_line(exc)}",
@@ -247,25 +247,34 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
     result.notes.append(f"torch.export failed on mixfx's dynamic shapes ({_first_line(first_error)}); "
                         "exported with Dim.AUTO instead, checked at the other sizes")
     try:
-        return torch.export.export(model, (x,), dynamic_shapes=auto, strict=False)
+        return _export_once(model, x, auto, budget=True)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export could not export the model: {_first_line(first_error)}",
                           "Run with --debug for the full trace.") from exc
 
 
+def _export_once(model: nn.Module, x: torch.Tensor, dynamic, *, budget: bool):
+    """One torch.export call; a dynamic one within DYNAMIC_EXPORT_BUDGET_S CPU seconds
+    (`SymbolicBudgetExceeded`, a BaseException, passes the callers' `except Exception`)."""
+    from mixfx.shapes import time_budget
+
+    with time_budget(DYNAMIC_EXPORT_BUDGET_S if budget else None):
+        return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+
+
 def _export_within_budget(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, result: ExportResult):
-    """`_torch_export` within DYNAMIC_EXPORT_BUDGET_S CPU seconds; past that, a static export
-    at the example size, said in a note (and in `result.shapes`, so a later export reusing
-    them goes static at once). torch.export's symbolic trace can take many minutes where size
-    expressions nest deeply (HaloNet's halo padding: sympy bounding nested floor divisions),
-    far longer than the symbolic run mixfx's own analysis does under its own budget."""
-    from mixfx.shapes import SymbolicBudgetExceeded, time_budget
+    """`_torch_export`, each dynamic attempt within DYNAMIC_EXPORT_BUDGET_S CPU seconds; past
+    that, a static export at the example size, said in a note and in `result.shapes` (so a
+    later export reusing them goes static at once). torch.export's symbolic trace can take
+    many minutes where size expressions nest deeply (HaloNet's halo padding: sympy bounding
+    nested floor divisions), far longer than mixfx's own symbolic run under its budget."""
+    from mixfx.shapes import SymbolicBudgetExceeded
 
     result.shapes = shapes
     if shapes.static:
         return _torch_export(model, x, shapes, result)
     try:
-        with _light_floordiv_simplify(), time_budget(DYNAMIC_EXPORT_BUDGET_S):
+        with _light_floordiv_simplify():
             return _torch_export(model, x, shapes, result)
     except SymbolicBudgetExceeded:
         pass
