@@ -8,6 +8,7 @@ behind, and an existing file is replaced atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,10 +22,11 @@ from torch import nn
 
 from mixfx.errors import MixfxError, OutputError, UsageError, VerificationError
 from mixfx.export_shapes import ExportShapes, derive_export_shapes
-from mixfx.shapes import flatten_outputs
+from mixfx.shapes import _light_floordiv_simplify, flatten_outputs  # torch.export's FloorDiv: see there
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 RTOL = 1e-4  # max abs error <= RTOL * max |eager output|
+DYNAMIC_EXPORT_BUDGET_S = 60.0  # CPU seconds for one torch.export call with dynamic dims
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -143,13 +145,21 @@ def export(
             result.notes.append("`--to polymorphic` (mixfx.rewrite(model, to='polymorphic')) may cure it"
                                 + (f"; {shapes.pinned_by.cure}" if shapes.pinned_by.cure else ""))
         t0 = time.perf_counter()
-        program = _torch_export(model, example_input, shapes, result)
+        program = _export_within_budget(model, example_input, shapes, result)
+        shapes = result.shapes
+        if result.dynamic_shapes_used != "mixfx":  # torch chose the dims: read what it assumed
+            from mixfx.export_domain import narrow_to_program
+
+            shapes, narrowed = narrow_to_program(shapes, program)
+            result.shapes = shapes
+            result.notes.extend(narrowed)
         sizes = _sizes_the_program_accepts(program, shapes, result)
         shapes = result.shapes
         timings["export_s"] = time.perf_counter() - t0
         with _staging(target) as staged:
             t0 = time.perf_counter()
-            _write(program, example_input, staged, fmt, result)
+            with _light_floordiv_simplify():  # the ONNX converter re-traces the program
+                result.notes.extend(_write(program, example_input, staged, fmt))
             timings["write_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             runner = _load(staged, fmt)
@@ -220,7 +230,7 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
     first_error: BaseException | None = None
     for _ in range(3):
         try:
-            return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+            return _export_once(model, x, dynamic, budget=not shapes.static)
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds; sorted out below
             if shapes.static:
                 raise ExportError(f"torch.export could not export the model: {_first_line(exc)}",
@@ -239,7 +249,7 @@ def _torch_export(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, resul
     result.notes.append(f"torch.export failed on mixfx's dynamic shapes ({_first_line(first_error)}); "
                         "exported with Dim.AUTO instead, checked at the other sizes")
     try:
-        return torch.export.export(model, (x,), dynamic_shapes=auto, strict=False)
+        return _export_once(model, x, auto, budget=True)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"torch.export could not export the model: {_first_line(first_error)}",
                           "Run with --debug for the full trace.") from exc
@@ -279,6 +289,41 @@ def _sizes_the_program_accepts(program, shapes: ExportShapes, result: ExportResu
     return accepted_other_sizes(narrowed, accepts)
 
 
+def _export_once(model: nn.Module, x: torch.Tensor, dynamic, *, budget: bool):
+    """One torch.export call; a dynamic one within DYNAMIC_EXPORT_BUDGET_S CPU seconds
+    (`SymbolicBudgetExceeded`, a BaseException, passes the callers' `except Exception`)."""
+    from mixfx.shapes import time_budget
+
+    with time_budget(DYNAMIC_EXPORT_BUDGET_S if budget else None):
+        return torch.export.export(model, (x,), dynamic_shapes=dynamic, strict=False)
+
+
+def _export_within_budget(model: nn.Module, x: torch.Tensor, shapes: ExportShapes, result: ExportResult):
+    """`_torch_export`, each dynamic attempt within DYNAMIC_EXPORT_BUDGET_S CPU seconds; past
+    that, a static export at the example size, said in a note and in `result.shapes` (so a
+    later export reusing them goes static at once). torch.export's symbolic trace can take
+    many minutes where size expressions nest deeply (HaloNet's halo padding: sympy bounding
+    nested floor divisions), far longer than mixfx's own symbolic run under its budget."""
+    from mixfx.shapes import SymbolicBudgetExceeded
+
+    result.shapes = shapes
+    if shapes.static:
+        return _torch_export(model, x, shapes, result)
+    try:
+        with _light_floordiv_simplify():
+            return _torch_export(model, x, shapes, result)
+    except SymbolicBudgetExceeded:
+        pass
+    size = "x".join(map(str, (x.shape[d.axis] for d in shapes.dims)))
+    why = f"torch.export's dynamic trace took over {DYNAMIC_EXPORT_BUDGET_S:g} CPU s"
+    result.shapes = dataclasses.replace(
+        shapes, dims=[dataclasses.replace(d, static=True, why=why) for d in shapes.dims], notes=list(shapes.notes))
+    result.dynamic_shapes_used = "static"
+    result.notes.append(f"{why} (sympy on the nested size expressions): exported static at {size}; "
+                        f"the dynamic spec was {'; '.join(shapes.describe())}")
+    return _torch_export(model, x, result.shapes, result)
+
+
 def _first_line(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown error"
@@ -287,29 +332,59 @@ def _first_line(exc: BaseException | None) -> str:
     return text[:300]
 
 
-def _write(program, x: torch.Tensor, staged: Path, fmt: str, result: ExportResult) -> None:
+def _write(program, x: torch.Tensor, staged: Path, fmt: str) -> list[str]:
+    """Write the file; returns notes on how (sizes rewritten as integer ops, an ONNX conversion
+    that needed a decomposition)."""
     if fmt == "pt2":
         from mixfx.export_program import make_serialisable
 
+        notes = []
         if make_serialisable(program):  # math.ceil/floor of sizes: torch.export.save refuses them
-            result.notes.append("math.ceil/floor of sizes in the exported graph were rewritten as "
-                                "integer ops so that torch.export.save can serialise it")
+            notes.append("math.ceil/floor of sizes in the exported graph were rewritten as "
+                         "integer ops so that torch.export.save can serialise it")
         try:
             torch.export.save(program, str(staged))
         except Exception as exc:  # noqa: BLE001 - the serialiser raises its own kinds
             raise ExportError(f"torch.export.save could not serialise the program: {_first_line(exc)}",
                               "Export to ONNX instead (-o model.onnx), or run with --debug.") from exc
-        return
+        return notes
     import logging
 
+    log = logging.getLogger(__name__)
     try:
-        with _quiet_onnx():
-            onnx_program = torch.onnx.export(program, (x,), dynamo=True, optimize=True, verbose=False)
-            onnx_program.save(str(staged))
+        _write_onnx(program, x, staged)
+        return []
     except Exception as exc:  # noqa: BLE001 - the ONNX exporter raises its own kinds
-        logging.getLogger(__name__).debug("onnx export failed", exc_info=True)
-        raise ExportError(f"the ONNX exporter could not convert the exported program: {_first_line(exc)}",
+        log.debug("onnx export failed", exc_info=True)
+        first = exc
+    # The converter lacks a translation for some op form (onnxscript's scaled_dot_product_attention
+    # takes 4-D inputs only; window attention passes 5-D): lower the program to core ATen, whose
+    # ops all translate, and convert again. The verification that follows checks the result.
+    try:
+        decomposed = program.run_decompositions()
+        _write_onnx(decomposed, x, staged)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("onnx export after decomposition failed", exc_info=True)
+        raise ExportError(f"the ONNX exporter could not convert the exported program: {_root_cause(first)}",
                           "Export a torch.export program instead (-o model.pt2), or run with --debug.") from exc
+    return [f"the ONNX exporter could not convert the program as exported ({_root_cause(first)[:120]}); "
+            "converted after decomposing it to core ATen ops"]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's first line: the ONNX exporter wraps the reason
+    ("only 4D query, key, and value are supported") in two generic ConversionErrors."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return _first_line(exc)
+
+
+def _write_onnx(program, x: torch.Tensor, staged: Path) -> None:
+    with _quiet_onnx():
+        onnx_program = torch.onnx.export(program, (x,), dynamo=True, optimize=True, verbose=False)
+        onnx_program.save(str(staged))
 
 
 @contextlib.contextmanager

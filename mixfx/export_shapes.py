@@ -202,19 +202,20 @@ def _requirements(run, symbols: Mapping[str, sympy.Symbol], notes: list[str] | N
     of the symbolic run (but `!=`), and `size >= 2` for each intermediate size that varies with the input
     and is >= 2 at the example (torch.export specialises sizes 0 and 1; a size that *is* 1 at
     the example stays 1, which pins a range)."""
-    exprs: dict[str, Any] = {}
+    # keyed by the sympy expressions themselves (structural hash): keying by str() printed
+    # every size of every node, 31 of HaloNet's 62 s here
+    exprs: dict[Any, Any] = {}
     for guards in run.guards.values():
         for g in guards:
             # `!=` guards are branch decisions taken at the example (a no-op view, the token
             # count of the pretrained grid): they exclude single sizes, never a range
             if free_input_symbols(g, symbols) and not isinstance(g, sympy.Ne):
-                exprs.setdefault(str(g), g)
+                exprs.setdefault(g, g)
     for cond in run.asserts.values():
         if cond is not None and not isinstance(cond, bool) and free_input_symbols(cond, symbols):
-            exprs.setdefault(str(cond), cond)
+            exprs.setdefault(cond, cond)
     allowed = set(symbols.values())
-    sizes: dict[str, Any] = {}
-    where: dict[str, str] = {}
+    where: dict[Any, str] = {}  # each varying size -> the first node that has it
     for node, value in run.values.items():
         for t in flatten_outputs(value):
             for d in t.shape:
@@ -223,21 +224,20 @@ def _requirements(run, symbols: Mapping[str, sympy.Symbol], notes: list[str] | N
                     continue
                 if not expr.free_symbols <= allowed:
                     continue
-                sizes.setdefault(str(expr), expr)
-                where.setdefault(str(expr), node)
+                where.setdefault(expr, node)
     known = getattr(run.shape_env, "backed_var_to_val", None) or run.shape_env.var_to_val
     example = {name: int(known[sym]) for name, sym in symbols.items() if sym in known}
-    for expr in sizes.values():
+    for expr in where:
         at_example = _value(expr, symbols, example)
         if at_example is None:
             continue
         # unevaluated: sympy's automatic simplification of windowed models' sizes takes seconds
         rel = sympy.Ge(expr, 2, evaluate=False) if at_example >= 2 else sympy.Eq(expr, at_example, evaluate=False)
         if at_example < 2 and notes is not None and not any("which torch.export specialises" in n.replace("\n", " ") for n in notes):
-            notes.append(f"`{where[str(expr)]}` has a size of {at_example} at the example input, which torch.export specialises: "
+            notes.append(f"`{where[expr]}` has a size of {at_example} at the example input, which torch.export specialises: "
                          "the export only accepts sizes that keep it there; export at a larger --input "
                          "for a wider range")
-        exprs.setdefault(str(rel), rel)
+        exprs.setdefault(rel, rel)
     return list(exprs.values())
 
 
