@@ -911,10 +911,19 @@ def _exact_quotient(dims: tuple, by: list) -> Any:
     env = symbolic[0].node.shape_env
     if env is None or any(d.node.shape_env is not env for d in symbolic):
         return None
-    n_coeff, n_rest = _factors([_expr(d) for d in dims], read_max1=False)
-    k_coeff, k_rest = _factors([_expr(d) for d in by], read_max1=False)
+    dims_e, by_e = [_expr(d) for d in dims], [_expr(d) for d in by]
+    n_coeff, n_rest = _factors(dims_e, read_max1=False)
+    k_coeff, k_rest = _factors(by_e, read_max1=False)
     if k_coeff == 0 or n_coeff % k_coeff or any(n_rest.get(f, 0) < p for f, p in k_rest.items()):
-        return None
+        # a quotient an earlier view inferred (`view(-1, 64, ...)` of B_ windows: B_//64, with the
+        # guard B_ % 64 == 0) is the exact B_/64: with that, its factors may cancel (Swin's mask
+        # view and the reshape back to (B_, N, C), whose C was a quotient of two products)
+        dims_e = [_exact_divisions(e, env) for e in dims_e]
+        if dims_e == [_expr(d) for d in dims]:
+            return None
+        n_coeff, n_rest = _factors(dims_e, read_max1=False)
+        if n_coeff % k_coeff or any(n_rest.get(f, 0) < p for f, p in k_rest.items()):
+            return None
     expr: Any = n_coeff // k_coeff
     for f, p in n_rest.items():
         if p > k_rest.get(f, 0):
@@ -929,6 +938,43 @@ def _exact_quotient(dims: tuple, by: list) -> Any:
     return env.create_symintnode(expr, hint=hint)
 
 
+def _exact_divisions(expr: Any, env: Any) -> Any:
+    """`expr` with each `FloorDiv(x, k)` (k an integer) that the shape env's guards say divides
+    exactly (`Mod(c*x, c*k) == 0`) written as the rational `x/k`."""
+    from torch.utils._sympy.functions import FloorDiv
+
+    if isinstance(expr, int) or not getattr(expr, "has", None) or not expr.has(FloorDiv):
+        return expr
+    known = [g.expr for g in getattr(env, "guards", ())]
+    swaps = {}
+    for fd in expr.atoms(FloorDiv):
+        x, k = fd.args
+        if getattr(k, "is_Integer", False) and int(k) > 0 and _guarded_divisible(known, env, x, int(k)):
+            swaps[fd] = x / k
+    return expr.xreplace(swaps) if swaps else expr
+
+
+def _guarded_divisible(guards: list, env: Any, x: Any, k: int) -> bool:
+    import sympy
+    from torch.utils._sympy.functions import Mod, PythonMod
+
+    def says(mod: Any) -> bool:
+        if not isinstance(mod, (Mod, PythonMod, sympy.Mod)):
+            return False
+        a, m = mod.args
+        c = a / x
+        return bool(getattr(c, "is_Integer", False) and getattr(m, "is_Integer", False) and int(m) == int(c) * k)
+
+    if any(says(m) for m in getattr(env, "divisible", ())):
+        return True
+    for g in guards:
+        if isinstance(g, sympy.Eq) and 0 in g.args:
+            other = g.args[0] if g.args[1] == 0 else g.args[1]
+            if says(other):
+                return True
+    return False
+
+
 def _factors(exprs: list, read_max1: bool = True) -> tuple[Any, dict]:
     """(numeric coefficient, {factor: power}) of a product of size expressions; with
     `read_max1`, `Max(1, e)` (a stride) counts as `e`."""
@@ -939,8 +985,10 @@ def _factors(exprs: list, read_max1: bool = True) -> tuple[Any, dict]:
     stack = list(exprs)
     while stack:
         e = stack.pop()
-        if isinstance(e, int) or getattr(e, "is_Number", False):
+        if isinstance(e, int) or getattr(e, "is_Integer", False):
             coeff = coeff * int(e)
+        elif getattr(e, "is_Rational", False):  # x/k of an exact division
+            coeff = coeff * e
         elif getattr(e, "is_Mul", False):
             stack.extend(e.args)
         elif getattr(e, "is_Pow", False) and getattr(e.args[1], "is_Integer", False) and int(e.args[1]) > 0:
