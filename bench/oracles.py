@@ -44,6 +44,9 @@ NEARBY = ((1, 3), (-3, 5), (2, -1), (0, 1), (5, 0))
 # Multiples the example shrinks by (H - m x W - 2m): a model that indexes a fixed-size table with
 # positions (relative-position tables) runs only up to its size.
 SHRINK = (32, 16, 14)
+# Whole multiples of the example per axis: they keep every divisibility it has, whatever modulus
+# (maxvit_*_tf_512 runs only at multiples of 512, more than any of MULTIPLES).
+WHOLE_MULTIPLES = ((2, 1), (1, 2), (2, 3))
 
 
 def _short(exc: BaseException, n: int = 160) -> str:
@@ -77,6 +80,8 @@ def candidate_sizes(example: Size, limit: int = 96) -> list[Size]:
         add(e + off[i % 2] for i, e in enumerate(example))
     for m in SHRINK[1:]:  # a model that indexes a fixed-size table runs only up to its size
         add(max(m, e - m * (1 + i % 2)) for i, e in enumerate(example))
+    for fac in WHOLE_MULTIPLES:  # meet any divisibility the example meets (a window of 16 at
+        add(e * fac[i % 2] for i, e in enumerate(example))  # stride 32: H % 512 == 0)
     pixels = math.prod(example)
     per_multiple: list[list[Size]] = []
     for m in MULTIPLES[1:]:
