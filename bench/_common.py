@@ -64,12 +64,19 @@ def other_size_candidates(shape: tuple[int, ...]) -> list[list[tuple[int, ...]]]
     b, c, h, w = shape[0], shape[1], shape[-2], shape[-1]
     first = second_sizes(torch.empty(shape, device="meta"))[0]
     out = []
-    for (fh, fw), cands in (((first[-2] / h, first[-1] / w), [first]), ((0.75, 1.125), [])):
+    # last resorts: a whole multiple of the example on one axis keeps any divisibility it has
+    # (maxvit_*_512: H % 512 == 0), a size within it on both axes meets any upper bound (mvitv2's
+    # relative-position tables: H, W <= 224)
+    for (fh, fw), cands, whole, small in (((first[-2] / h, first[-1] / w), [first], (2, 1), (0.75, 0.875)),
+                                          ((0.75, 1.125), [], (1, 2), (0.625, 0.875))):
         for m in (32, 64, 128):
             hh, ww = max(m, m * round(fh * h / m)), max(m, m * round(fw * w / m))
             if hh == ww:
                 ww += m
             if (hh, ww) != (h, w) and (b, c, hh, ww) not in cands:
+                cands.append((b, c, hh, ww))
+        for hh, ww in ((whole[0] * h, whole[1] * w), (round32(small[0] * h), round32(small[1] * w))):
+            if hh != ww and (hh, ww) != (h, w) and (b, c, hh, ww) not in cands:
                 cands.append((b, c, hh, ww))
         out.append(cands)
     return out
