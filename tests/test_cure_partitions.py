@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixfx  # noqa: E402
 
+from test_cure import _pair  # the model and its hand-written dynamic variant, same weights
+
 
 def relative_index(n: int) -> torch.Tensor:
     """Index of the (2n-1)^2 offsets between the cells of an n x n block (Swin/MaxViT)."""
@@ -120,14 +122,6 @@ class UnrollNet(nn.Module):
         m = t.view(B, h // 2, w // 2, C)
         weights = torch.linspace(0.5, 1.5, m.shape[1] * m.shape[2]).reshape(1, m.shape[1], m.shape[2], 1)
         return self.head((m * weights).mean((1, 2)))
-
-
-def _pair(cls, seed=0):
-    torch.manual_seed(seed)
-    model = cls().eval()
-    dynamic = cls(dynamic=True).eval()
-    dynamic.load_state_dict(model.state_dict())
-    return model, dynamic
 
 
 @pytest.mark.parametrize("cls, other_sizes", [
