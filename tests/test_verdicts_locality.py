@@ -10,7 +10,7 @@ import torch
 import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
                             GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
-                            PooledAttention, PyramidPoolingNet, WindowNet, WrappedAttention,
+                            PooledAttention, PyramidPoolingNet, SamePadSENet, WindowNet, WrappedAttention,
                             far_change_is_per_channel_affine, far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
@@ -131,3 +131,16 @@ def test_grid_pool_into_the_classifier_is_the_head_not_context():
     r = _analyse(GridPoolClassifier())
     assert r.classification == "convolutional", r.summary
     assert r.global_context == [] and r.global_mixing == []
+
+
+def test_gate_behind_same_padding_is_global_context():
+    """timm's TF-"same" convs pad by amounts computed from the size: the padded map keeps its
+    positions (tf_efficientnet_b0's squeeze-excite gates were missed: nothing after the first pad
+    was positional)."""
+    torch.manual_seed(0)
+    model = SamePadSENet().eval()
+    assert far_end_changes(model, WIDE) and far_change_is_per_channel_affine(model, WIDE)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    assert any(c.op == "mean" for c in r.global_context), r.global_context

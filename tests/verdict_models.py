@@ -3,6 +3,7 @@ that give their ground truth without the analyser: real forwards (does it run at
 a perturbation probe (does changing one corner of the input change the far corner of a map?)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -377,6 +378,30 @@ class GridPoolClassifier(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(self.stem(x)), 1))
+
+
+class SamePadSENet(nn.Module):
+    """TF-"same" padding (F.pad by amounts computed from the size, as timm's Conv2dSame does) in
+    front of every conv, and a squeeze-excite gate (global context) after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, C, 3, stride=2)
+        self.c2 = nn.Conv2d(C, C, 3)
+        self.fc = nn.Conv2d(C, C, 1)
+
+    @staticmethod
+    def same(x, k: int, s: int):
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(self.same(x, 3, 2)))
+        x = self.c2(self.same(x, 3, 1))
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
 
 class CrossCovarianceAttention(nn.Module):

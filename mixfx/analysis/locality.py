@@ -625,6 +625,19 @@ def _rule_interpolate(r: _Recorder, x, args, kwargs, out, outs):
     return []
 
 
+def _rule_pad(r: _Recorder, x, args, kwargs, out, outs):
+    """Padding (timm's TF-"same" convs pad by amounts computed from the size): each padded dim
+    keeps its positions, with a border added."""
+    o = outs[0]
+    if o.dim() != x.dim():
+        return None
+    lay = list(r.layout(x))
+    for d in range(x.dim()):
+        if int(o.shape[d]) != int(x.shape[d]):
+            lay[d] = L.resample(lay[d], int(o.shape[d]), 1.0, 0.0)
+    return [tuple(lay)]
+
+
 def _rule_norm(r: _Recorder, x, args, kwargs, out, outs):
     lay = r.layout(x)
     rank = x.dim()
@@ -675,7 +688,8 @@ _RULES.update({"unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "getitem"
                "split_with_sizes": _rule_split, "unbind": _rule_unbind, "cat": _rule_cat, "concat": _rule_cat,
                "concatenate": _rule_cat, "stack": _rule_stack, "linear": _rule_linear, "einsum": _rule_einsum,
                "scaled_dot_product_attention": _rule_sdpa, "multi_head_attention_forward": _rule_mha,
-               "interpolate": _rule_interpolate, "upsample": _rule_interpolate, "unfold": _rule_unfold})
+               "interpolate": _rule_interpolate, "upsample": _rule_interpolate, "unfold": _rule_unfold,
+               "pad": _rule_pad, "constant_pad_nd": _rule_pad})
 for _n in _MATMULS:
     _RULES[_n] = _rule_matmul
 for _n in _FFTS:
