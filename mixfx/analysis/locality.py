@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mixfx.analysis import layout as L
+from mixfx.analysis.nodes import global_module_hooks
 from mixfx.shape_rules import TENSOR_LIKE
 
 
@@ -799,13 +800,8 @@ def _module_stack(r: _Recorder, model: nn.Module) -> Iterator[None]:
                 r.stack.pop()
         return None
 
-    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = nn.modules.module.register_module_forward_hook(post)
-    try:
+    with global_module_hooks(pre, post):
         yield
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 def record_ops(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> OpLog:

@@ -1,8 +1,9 @@
 """Naming fx nodes (module path, op) and reading the symbolic values the shape run left on them."""
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -10,6 +11,19 @@ from torch import nn
 
 from mixfx.formulas import format_expr, free_input_symbols
 from mixfx.shapes import flatten_outputs
+
+
+@contextlib.contextmanager
+def global_module_hooks(pre: Callable, post: Callable) -> Iterator[None]:
+    """`pre`/`post` as forward pre-/post-hooks of every module while the block runs (global hooks
+    see modules the eager forward calls inside leaves and helpers too); removed on exit."""
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
 
 
 def module_path(node: torch.fx.Node) -> str | None:

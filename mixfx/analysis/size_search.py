@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from mixfx.analysis.nodes import global_module_hooks
 from mixfx.shapes import classify_exception, eager_meta_forward, flatten_outputs
 
 
@@ -61,13 +62,8 @@ def _module_tracker(model: nn.Module, stack: list[str]) -> Iterator[None]:
         if id(mod) in names and stack:
             stack.pop()
 
-    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = nn.modules.module.register_module_forward_hook(post)
-    try:
+    with global_module_hooks(pre, post):
         yield
-    finally:
-        h1.remove()
-        h2.remove()
 
 
 def _has_real_weights(model: nn.Module) -> bool:
