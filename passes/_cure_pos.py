@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from passes._cure_probe import Probe, constant_roots, nearest_grids, value_depends_on_input
+from passes._cure_probe import Probe, constant_roots, nearest_grids, runtime_sides, value_depends_on_input
 
 # a table added to the data (position embedding) or multiplied with it (rotary cos/sin tables)
 COMBINES = {operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul}
@@ -150,11 +150,7 @@ def cure_position_add(gm: GraphModule, node: Node, probe: Probe) -> str | None:
     eh, ew = ge[i] // sh, ge[j] // sw
     mode = _mode(gm, table, None)
     with gm.graph.inserting_before(node):
-        h = gm.graph.call_method("size", (grid, i))
-        w = gm.graph.call_method("size", (grid, j))
-        if sh > 1 or sw > 1:
-            h = gm.graph.call_function(operator.floordiv, (h, sh))
-            w = gm.graph.call_function(operator.floordiv, (w, sw))
+        h, w = runtime_sides(gm, grid, (i, j), (sh, sw))
         new = gm.graph.call_function(resample_token_table, (table, h, w, (eh, ew), token_dim, prefix, mode))
     node.replace_input_with(table, new)
     kept = f", {prefix} prefix token(s) kept" if prefix else ""

@@ -7,6 +7,8 @@ thing to cure. Meta runs cost milliseconds, so the pass re-probes after every cu
 """
 from __future__ import annotations
 
+import operator
+
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -210,3 +212,15 @@ def constant_value(gm: torch.fx.GraphModule, node: Node):
     except Exception:  # noqa: BLE001 - not computable on its own
         return None
     return interp.env[node]
+
+
+def runtime_sides(gm: torch.fx.GraphModule, grid: Node, dims: tuple[int, int], strides: tuple[int, int] = (1, 1)):
+    """Graph nodes for `grid.size(i) // sh` and `grid.size(j) // sw`: the runtime grid a cure
+    rebuilds its table or output size for (call inside `gm.graph.inserting_before(...)`)."""
+    sides = []
+    for d, s in zip(dims, strides):
+        side = gm.graph.call_method("size", (grid, d))
+        if strides != (1, 1):
+            side = gm.graph.call_function(operator.floordiv, (side, s))
+        sides.append(side)
+    return tuple(sides)

@@ -11,14 +11,12 @@ the runtime bias. At the example grid the bias is returned unchanged (bit-equal 
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from passes._cure_pos import token_grid
-from passes._cure_probe import Probe, constant_value, value_depends_on_input
+from passes._cure_probe import Probe, constant_value, runtime_sides, value_depends_on_input
 
 
 def _grid_offsets(h, w, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +101,7 @@ def cure_relative_bias(gm: GraphModule, node: Node, probe: Probe) -> str | None:
             if not isinstance(value, torch.Tensor) or not _is_relative(value, eh, ew, prefix):
                 return None
             with gm.graph.inserting_before(node):
-                h = gm.graph.call_method("size", (grid, i))
-                w = gm.graph.call_method("size", (grid, j))
-                if sh > 1 or sw > 1:
-                    h = gm.graph.call_function(operator.floordiv, (h, sh))
-                    w = gm.graph.call_function(operator.floordiv, (w, sw))
+                h, w = runtime_sides(gm, grid, (i, j), (sh, sw))
                 new = gm.graph.call_function(rebuild_relative_bias, (bias, h, w, (eh, ew), prefix))
             node.replace_input_with(bias, new)
             kept = f", {prefix} prefix token(s)" if prefix else ""

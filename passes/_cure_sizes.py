@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from passes._cure_probe import Probe, nearest_grids
+from passes._cure_probe import Probe, nearest_grids, runtime_sides
 
 VIEWS = ("view", "reshape")
 
@@ -411,8 +411,7 @@ def cure_fold(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         if (ge[i], ge[j]) != out:
             continue
         with gm.graph.inserting_before(node):
-            h = gm.graph.call_method("size", (grid, i))
-            w = gm.graph.call_method("size", (grid, j))
+            h, w = runtime_sides(gm, grid, (i, j))
             kwargs = {k: cfg[k] for k in ("kernel_size", "dilation", "padding", "stride")}
             new = gm.graph.call_function(F.fold, (node.args[0], (h, w)), kwargs)
         node.replace_all_uses_with(new)

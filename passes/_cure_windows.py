@@ -14,7 +14,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from passes._cure_probe import Probe, constant_roots, constant_value, nearest_grids, value_depends_on_input
+from passes._cure_probe import Probe, constant_roots, constant_value, nearest_grids, runtime_sides, value_depends_on_input
 
 
 def _border_index(n, n_example: int, device) -> torch.Tensor:
@@ -76,8 +76,7 @@ def cure_window_table(gm: GraphModule, node: Node, probe: Probe) -> str | None:
         if not isinstance(value, torch.Tensor) or not _interior_is_uniform(value, dim, ge[gi], ge[gj]):
             return None
         with gm.graph.inserting_before(node):
-            nh = gm.graph.call_method("size", (grid, gi))
-            nw = gm.graph.call_method("size", (grid, gj))
+            nh, nw = runtime_sides(gm, grid, (gi, gj))
             new = gm.graph.call_function(extend_window_table, (table, dim, nh, nw, (ge[gi], ge[gj])))
         node.replace_input_with(table, new)
         return (f"table {list(table_shape)} with one entry per window of the {ge[gi]}x{ge[gj]} window grid "
