@@ -10,7 +10,8 @@ import torch
 import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
                             GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
-                            PooledAttention, PyramidPoolingNet, SamePadSENet, WindowNet, WrappedAttention,
+                            PooledAttention, PyramidPoolingNet, ResponseNormNet, SamePadSENet,
+                            SpatialNormalizeNet, WindowNet, WrappedAttention,
                             far_change_is_per_channel_affine, far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
@@ -144,3 +145,16 @@ def test_gate_behind_same_padding_is_global_context():
     assert r.classification == "convolutional", r.summary
     assert r.global_mixing == []
     assert any(c.op == "mean" for c in r.global_context), r.global_context
+
+
+@pytest.mark.parametrize("factory, op", [(ResponseNormNet, "norm"), (SpatialNormalizeNet, "normalize")])
+def test_norms_over_positions_are_global_context(factory, op):
+    """A vector norm over H, W (ConvNeXt-V2's GRN; convnextv2_atto was judged local) and
+    F.normalize over the positions: per-channel statistics of the whole map, applied back."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    assert far_end_changes(model, WIDE) and far_change_is_per_channel_affine(model, WIDE)
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    assert [c.op for c in r.global_context] == [op], r.global_context

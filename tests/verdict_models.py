@@ -443,3 +443,34 @@ class AdditiveAttention(nn.Module):
         score = F.normalize(q @ self.w_g, dim=1)  # b, n, 1
         g = torch.sum(score * q, dim=1, keepdim=True)  # b, 1, c
         return (self.proj(g * k) + q).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ResponseNormNet(nn.Module):
+    """ConvNeXt-V2's global response norm: the L2 norm of each channel over H, W (`x.norm(p=2,
+    dim=(2, 3))`, a reduction whose dims come third), divided by its mean over channels and
+    multiplied back onto the map (global context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((1, C, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        return x + self.gamma * (x * (g / (g.mean(dim=1, keepdim=True) + 1e-6)))
+
+
+class SpatialNormalizeNet(nn.Module):
+    """Each channel scaled to unit L2 norm over all positions (`F.normalize` over the flattened
+    H*W axis): global context by a norm, not mixing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_stem()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(self.stem(x))
+        return F.normalize(x.flatten(2), dim=-1).view_as(x)

@@ -96,6 +96,7 @@ def _name(func: Any) -> str:
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod", "nansum",
                "nanmean", "std_mean", "var_mean", "median", "argmax", "argmin", "all", "any"}
 _WEIGHTED_SUMS = {"sum", "mean", "nansum", "nanmean"}
+_VECTOR_NORMS = {"norm", "linalg_vector_norm", "vector_norm", "frobenius_norm"}
 _SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}
 _VIEWS = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten", "unflatten"}
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
@@ -521,6 +522,25 @@ def _rule_reduce(r: _Recorder, x, args, kwargs, out, outs):
     return res
 
 
+def _rule_vector_norm(r: _Recorder, x, args, kwargs, out, outs):
+    """`norm(x, p, dim, keepdim)` and `linalg.vector_norm(x, ord, dim, keepdim)`: a reduction whose
+    dims come third (GRN's `x.norm(p=2, dim=(1, 2))` is a summary over positions)."""
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    keep = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    return _rule_reduce(r, x, (x, dim, bool(keep)), {}, out, outs)
+
+
+def _rule_normalize(r: _Recorder, x, args, kwargs, out, outs):
+    """`F.normalize(x, p, dim)` divides by a norm over `dim`: over positions, a norm whose
+    statistics span them."""
+    dims = _dims_arg(args, kwargs, 2, x.dim(), default=1)
+    lay = r.layout(x)
+    stats = [lay[d] for d in dims or []]
+    if any(L.positional(d) for d in stats):
+        r.emit("norm", "normalize", stats, detail="F.normalize norm")
+    return [lay for _ in outs]
+
+
 def _rule_scan(r: _Recorder, x, args, kwargs, out, outs):
     dims = _dims_arg(args, kwargs, 1, x.dim())
     lay = r.layout(x)
@@ -697,6 +717,9 @@ for _n in _FFTS:
     _RULES[_n] = _with_op(_n, _rule_fft)
 for _n in _REDUCTIONS:
     _RULES[_n] = _with_op(_n, _rule_reduce)
+for _n in _VECTOR_NORMS:
+    _RULES[_n] = _with_op(_n, _rule_vector_norm)
+_RULES["normalize"] = _rule_normalize
 for _n in _SCANS:
     _RULES[_n] = _with_op(_n, _rule_scan)
 for _n in _NORMS:
