@@ -16,6 +16,9 @@ ResNet-50 run ~3x and a ViT run ~2x cheaper.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import traceback
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -25,6 +28,7 @@ import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
+from torch._guards import SLoc
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from mixfx.shape_memo import ShapeMemo, Unkeyable, is_torch_target, module_key, value_key
@@ -529,13 +533,35 @@ def time_budget(seconds: float | None) -> Iterator[_Budget]:
         signal.signal(signal.SIGVTALRM, previous)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+class _AnalysisShapeEnv(ShapeEnv):
+    """A ShapeEnv that locates each symbol and guard at the first frame outside torch. Torch's own
+    walk imports torch.export, dynamo and inductor on its first use, only to learn which files to
+    skip: 0.2 s of every analysis in a fresh process (a CLI run), more than a whole warm ResNet-50
+    analysis. mixfx attributes guards to fx nodes itself and never reads these locations."""
+
+    def _get_stack_summary(self, is_debug: bool = False, framework_loc: str | None = None):
+        if is_debug:
+            return super()._get_stack_summary(is_debug, framework_loc)
+        if framework_loc is None:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+                frame = frame.f_back
+            if frame is not None:
+                framework_loc = traceback.FrameSummary(frame.f_code.co_filename, frame.f_lineno,
+                                                       frame.f_code.co_name)
+        return SLoc(framework_loc, None), ""
+
+
 def propagate_symbolic(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], *,
                        budget_s: float | None = None) -> SymbolicRun:
     """Run `gm` on a fake tensor whose dims after (batch, channels) are symbols; never raises for
     failures inside the graph (recorded in `.failure`). With `budget_s`, a run that takes longer
     stops at the node it reached (failure kind "timeout"): some windowed models (Swin, DaViT,
     Hiera) build size expressions that take sympy minutes to simplify."""
-    env = ShapeEnv()
+    env = _AnalysisShapeEnv()
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     rank = len(input_shape)
     dyn = [DimDynamic.STATIC] * min(rank, 2) + [DimDynamic.DYNAMIC] * max(rank - 2, 0)
