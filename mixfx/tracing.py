@@ -119,7 +119,8 @@ def fx_trace(
     """Module-level torch.fx trace. Raises `TraceError` naming the offending source line."""
     tracer = MixfxTracer(leaves, autowrap, use_timm)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with _no_leftover_proxies(model):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # noqa: BLE001 - every tracing failure becomes a TraceError
         message, hint = _explain_trace_failure(exc, model)
         root = type(model)
@@ -128,6 +129,39 @@ def fx_trace(
         raise TraceError(message, hint) from exc
     name = type(model).__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.fx.Proxy) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.fx.Proxy) for v in value)
+    return False
+
+
+@contextlib.contextmanager
+def _no_leftover_proxies(model: nn.Module):
+    """Tracing runs forward() on Proxies, so a module that caches what forward() computed
+    (timm's attention-bias caches: `self.cache[device] = ...`) is left holding a Proxy of a
+    finished graph, and the next trace of the same model references a node that no longer
+    exists. Every attribute that ends up holding one gets its value from before the trace."""
+    saved = []
+    for mod in model.modules():
+        state = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(mod).items()
+                 if not k.startswith("_")}
+        saved.append((mod, state))
+    try:
+        yield
+    finally:
+        for mod, state in saved:
+            for k, v in list(vars(mod).items()):
+                if not k.startswith("_") and _holds_proxy(v):
+                    if k in state:
+                        setattr(mod, k, state[k])
+                    else:
+                        delattr(mod, k)
 
 
 def _explain_trace_failure(exc: BaseException, model: nn.Module) -> tuple[str, str]:

@@ -215,3 +215,40 @@ def test_symbolic_budget_counts_cpu_time_not_waiting():
             while time.process_time() - t0 < 5:
                 pass
     assert time.process_time() - t0 < 1
+
+
+class CachedBias(nn.Module):
+    """timm's EfficientFormerV2 attention: in eval mode the bias gathered from a table is cached
+    per device in a plain dict attribute, filled inside forward()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(8, 4))
+        self.cache: dict = {}
+
+    def bias(self, device):
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.table[:, :1].reshape(1, 8, 1, 1)
+        return self.cache[key]
+
+    def forward(self, x):
+        return self.conv(x) + self.bias(x.device)
+
+
+def test_a_model_that_caches_in_forward_analyses_twice():
+    """The first trace left a Proxy in the cache, and the second trace's graph referenced a node
+    of the first (efficientformerv2_s0 analysed twice in one process raised a TraceError)."""
+    torch.manual_seed(0)
+    model = CachedBias().eval()
+    x = torch.randn(1, 3, 16, 20)
+    with torch.no_grad():
+        expected = model(x)
+    first = mixfx.analyze(model, x)
+    second = mixfx.analyze(model, x)
+    assert first.tracer == second.tracer == "fx"
+    assert first.classification == second.classification == "convolutional"
+    assert not any(isinstance(v, torch.fx.Proxy) for v in model.cache.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
