@@ -227,6 +227,20 @@ def _modules_defined_at(model: nn.Module, filename: str, lineno: int) -> list[tu
     return out
 
 
+def _where(sloc: Any) -> str:
+    """`file:line in function` of a guard's source location (torch's own text cuts long paths
+    to their last characters); paths under the working directory are shown relative to it."""
+    import os
+
+    frame = getattr(sloc, "framework_loc", None)
+    if isinstance(frame, traceback.FrameSummary):
+        path = frame.filename
+        if not os.path.relpath(path).startswith(".."):
+            path = os.path.relpath(path)
+        return f"{path}:{frame.lineno} in {frame.name}"
+    return str(sloc).strip().strip("()")
+
+
 class _GuardLog:
     """Collects the guards torch's ShapeEnv logs while torch.export traces (`eval <expr> [guard
     added] (<file:line> in <fn>)`), with the symbols renamed `d2`, `d3` ... after the input dim
@@ -262,7 +276,7 @@ class _GuardLog:
                 expr = re.sub(rf"\b{sym}\b", f"d{dim}", expr)
             if re.search(r"\bs\d+\b", expr):
                 return  # a symbol that is not an input dim (a data-dependent size)
-            self.guards.append((expr, str(args[2]).strip().strip("()")))
+            self.guards.append((expr, _where(args[2])))
 
     def __enter__(self) -> "_GuardLog":
         import logging

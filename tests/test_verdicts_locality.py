@@ -10,7 +10,7 @@ import torch
 import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
                             GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
-                            PooledAttention, PyramidPoolingNet, ResponseNormNet, SamePadSENet,
+                            PooledAttention, PyramidPoolingNet, ResponseNormNet, RowLSTM, RowScan, SamePadSENet,
                             SpatialNormalizeNet, WindowNet, WrappedAttention,
                             far_change_is_per_channel_affine, far_end_changes, reach_grows)
 
@@ -34,6 +34,8 @@ GLOBAL_MIXING = {
     "linear_attention_kTv": (LinearAttention, {}, None),
     "cross_covariance_attention_after_a_sequential_stem": (CrossCovarianceAttention, {}, None),
     "additive_attention_pooling": (AdditiveAttention, {}, None),
+    "scan_along_W": (RowScan, {}, None),
+    "recurrence_along_W": (RowLSTM, {}, "rnn"),
 }
 
 
@@ -158,3 +160,15 @@ def test_norms_over_positions_are_global_context(factory, op):
     assert r.classification == "convolutional", r.summary
     assert r.global_mixing == []
     assert [c.op for c in r.global_context] == [op], r.global_context
+
+
+@pytest.mark.parametrize("factory", [RowScan, RowLSTM])
+def test_mixing_along_one_axis_is_judged_at_a_size_that_changes_that_axis(factory):
+    """At a 16x24 example the largest other size that runs is 32x24: the same W, so a scan along
+    W combined as many positions there as at the example and was judged local."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    assert reach_grows(model, WIDE, WIDER)
+    r = mixfx.analyze(model, torch.randn(1, 3, 16, 24))
+    assert r.classification == "polymorphic", r.summary
+    assert r.global_mixing and "W" in r.global_mixing[0].reason, r.global_mixing

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import mixfx
-from verdict_models import BlockDivisible, Conv1dNet, ResizeThenConv, SizeBranch, runs_at
+from verdict_models import (BlockDivisible, Conv1dNet, InputSizeBranch, PoolToGridThenConv, ResizeThenConv,
+                            SizeBranch, runs_at)
 
 
 def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -123,3 +124,33 @@ def test_a_pin_on_one_dim_is_a_constraint_not_fixed():
     report = mixfx.analyze(model, torch.randn(1, 3, 32, 32))
     assert report.classification != "fixed"
     assert "H == 32" in report.constraints
+
+
+def test_pool_to_a_constant_grid_followed_by_convs_is_a_resize():
+    """An adaptive pool to 6x6 that the convs go on processing: nothing after it varies with the
+    input (eager shapes), so it is a rigid node of kind "resized", and the head is the mean."""
+    torch.manual_seed(0)
+    model = PoolToGridThenConv().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
+    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "polymorphic", r.summary
+    assert [(n.kind, n.module) for n in r.rigid_nodes] == [("resized", "pool")]
+    assert "6x6" in r.rigid_nodes[0].reason
+    assert r.global_context == []
+    assert r.head is not None and "mean" in r.head.node
+
+
+def test_size_branch_not_taken_at_the_example_is_a_constraint():
+    """`if H > 40` on the input at H = 32: torch.export traces the untaken side; the trace holds
+    for H <= 40, a branch (the output formula changes at 40 / 41), not a pin to 32."""
+    torch.manual_seed(0)
+    model = InputSizeBranch().eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 48)).shape[-2] == 40
+        assert model(torch.randn(1, 3, 42, 48)).shape[-2] == 21
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "convolutional", r.summary
+    branch = [c for c in r.constraints if "branch" in c]
+    assert branch and branch[0].startswith("H <= 40"), r.constraints
+    assert "test_verdicts_sizes.py" not in branch[0] and "verdict_models.py" in branch[0]

@@ -204,6 +204,35 @@ class ResizeThenConv(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
+class PoolToGridThenConv(nn.Module):
+    """Pools every input to a 6x6 grid (nn.AdaptiveAvgPool2d) and goes on convolving the grid:
+    a resize to a constant size by pooling, not a head (positions go on being positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.pool = nn.AdaptiveAvgPool2d(6)
+        self.body = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1))
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(self.pool(self.stem(x))).mean((2, 3)))
+
+
+class InputSizeBranch(nn.Module):
+    """Halves tall inputs before anything else (`if H > 40`, on the input itself: torch.fx cannot
+    trace it); at a 32x48 example the branch is not taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+
+    def forward(self, x):
+        if x.shape[-2] > 40:
+            x = F.avg_pool2d(x, 2)
+        return self.stem(x)
+
+
 class SizeBranch(nn.Module):
     """Downsamples only wide inputs: `if W > 48` is an input constraint at a 32x64 example."""
 
@@ -474,3 +503,31 @@ class SpatialNormalizeNet(nn.Module):
     def forward(self, x):
         x = self.conv(self.stem(x))
         return F.normalize(x.flatten(2), dim=-1).view_as(x)
+
+
+class RowScan(nn.Module):
+    """A running sum along W (`cumsum`): each position sees every one to its left, however wide
+    the input (global mixing along W only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.out = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return self.out(self.stem(x).cumsum(-1))
+
+
+class RowLSTM(nn.Module):
+    """An LSTM along each row (ReNet-style): a recurrence over W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.rnn = nn.LSTM(C, C, batch_first=True)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        rows, _ = self.rnn(x.permute(0, 2, 3, 1).reshape(b * h, w, c))
+        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -326,7 +326,9 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         judged = any(e.kind in ("mixing", "norm", "resize", "broadcast") or (e.kind == "gridpool" and e.followed)
                      for e in first.events)
         if running and judged:
-            big = max(running, key=lambda s: sum(s[2:]))
+            # a size that differs from the example along every axis it can (a scan over W is
+            # judged on a change of W), then the largest
+            big = max(running, key=lambda s: (sum(a != b for a, b in zip(s[2:], self.example[2:])), sum(s[2:])))
             second = locality.record_ops(self.eager, big)
             if second.error is not None:
                 second = None
@@ -461,7 +463,10 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             except Exception:  # noqa: BLE001 - an unreadable guard is not a constraint we can state
                 continue
             for m in meanings:
-                if m.kind == "fixed":
+                branch = _bounded_branch(m, self.symbols, self.example_sizes) if m.kind == "fixed" else None
+                if branch is not None:
+                    out.append(f"{branch} (a branch taken at the example size, at {where})")
+                elif m.kind == "fixed":
                     self.notes.append(f"torch.export specialised the traced graph to {m.text} at {where} (an int() "
                                       "of a size or a branch on it): the graph holds at that size only; whether the "
                                       "model runs elsewhere is decided on the eager model.")
@@ -727,3 +732,23 @@ def _analyze(model: nn.Module | TraceResult, example_input: torch.Tensor | None,
     analyser.timings["receptive_field_s"] = time.perf_counter() - t0
     report.timings = {"trace_s": trace_s, **analyser.timings, "total_s": time.perf_counter() - t_start}
     return report
+
+
+def _bounded_branch(m, symbols: dict, example: dict[str, int]) -> str | None:
+    """A guard of one dim that holds on every size up to a bound (`H <= 40` from `if H > 40:` at
+    H = 32) is a branch the example took, not a pin: its bound, read over 1..3x the example."""
+    from mixfx.formulas import predicate
+
+    if len(m.symbols) != 1 or m.expr is None:
+        return None
+    name = m.symbols[0]
+    f = predicate(m.expr, symbols)
+    try:
+        xs = [x for x in range(1, 3 * example[name] + 1) if f(**{**example, name: x})]
+    except Exception:  # noqa: BLE001 - unreadable: stays a pin
+        return None
+    # a half-line from the smallest sizes up: `H // 32 == 7` (an int() of a size) holds on
+    # 224..255, a specialisation of the trace, not a branch of the model
+    if len(xs) < 2 or xs[0] > 2 or xs != list(range(xs[0], xs[-1] + 1)):
+        return None
+    return f"{name} <= {xs[-1]}"

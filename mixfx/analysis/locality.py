@@ -51,6 +51,8 @@ class Event:
     out_sizes: tuple = ()  # resize: output spatial sizes
     in_sizes: tuple = ()
     followed: bool = False  # resize, gridpool: spatial processing after it
+    rejoined: bool = False  # gridpool: the grid met the map again (an add, a cat, a matmul with it)
+    from_grids: frozenset = frozenset()  # resize: the grid pools its input comes from
     key: tuple = ()
     function: str = ""  # the model's function that made the call
     index: int = 0  # how many events of this op in this module came before
@@ -172,7 +174,10 @@ class _Recorder(TorchFunctionMode):
         self.layouts[id(out)] = layout
         if any(id(t) in self.active for t in inputs):
             self.active.add(id(out))
-        res = frozenset().union(*(self.resized.get(id(t), frozenset()) for t in inputs))
+        came_from = [self.resized.get(id(t), frozenset()) for t in inputs]
+        res = frozenset().union(*came_from)
+        if len(inputs) > 1 and res:
+            self.mark_rejoined(inputs, came_from, res)
         if self.pending_grid is not None:
             res |= {self.pending_grid}
         if res:
@@ -190,6 +195,15 @@ class _Recorder(TorchFunctionMode):
             self.summary[id(out)] = carried
         else:
             self.summary.pop(id(out), None)
+
+    def mark_rejoined(self, inputs: Sequence[Any], came_from: Sequence[frozenset], keys: frozenset) -> None:
+        """A grid meets a positional tensor that does not come from it: it is used on the map again."""
+        for key in keys:
+            ev = self.by_key.get(key)
+            if ev is None or ev.kind != "gridpool" or ev.rejoined:
+                continue
+            if any(key not in got and L.is_positional(self.layout(t)) for t, got in zip(inputs, came_from)):
+                ev.rejoined = True
 
     def mark_followed(self, inputs: Sequence[Any]) -> None:
         for t in inputs:
@@ -599,7 +613,8 @@ def _adaptive(r: _Recorder, x, o, n: int, op: str) -> L.Layout:
         if L.is_positional(tuple(lay)):
             # pooled to a grid of several cells (a pyramid-pooling level, a query pooled to the
             # window grid): each cell summarises an extent that grows with the input
-            r.pending_grid = r.emit("gridpool", op, cells).key
+            r.pending_grid = r.emit("gridpool", op, cells, in_sizes=tuple(int(s) for s in x.shape[start:]),
+                                    out_sizes=tuple(int(s) for s in o.shape[start:])).key
     return tuple(lay)
 
 
@@ -635,8 +650,9 @@ def _rule_interpolate(r: _Recorder, x, args, kwargs, out, outs):
     for i in range(n):
         a, b = int(x.shape[2 + i]), int(o.shape[2 + i])
         lay[2 + i] = L.resample(lay[2 + i], b, a / b, max(a / b - 1, 0.0))
+    grids = frozenset(k for k in r.resized.get(id(x), ()) if r.by_key[k].kind == "gridpool")
     ev = r.emit("resize", "interpolate", [], in_sizes=tuple(int(s) for s in x.shape[2:]),
-                out_sizes=tuple(int(s) for s in o.shape[2:]))
+                out_sizes=tuple(int(s) for s in o.shape[2:]), from_grids=grids)
     r.mark_followed([x])
     r.keep.append(o)
     r.layouts[id(o)] = tuple(lay)
@@ -880,6 +896,10 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
     found: list[Finding] = []
     summaries: dict[tuple, Event] = {e.key: e for e in first.events if e.kind == "summary"}
     growing_summary: set[tuple] = set()
+    # grids resized back to a size that follows the input are on the map again (pyramid pooling)
+    back_on_map = {g for e in first.events if e.kind == "resize" and e.from_grids
+                   and (second is None or (e.key in other and other[e.key].out_sizes != e.out_sizes))
+                   for g in e.from_grids}
     for e in first.events:
         twin = other.get(e.key) if second is not None else None
         if second is not None and twin is None:
@@ -896,6 +916,12 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
             found.append(Finding("context", e.module, e.op,
                                  f"{e.detail} over all of {_axes_text(e.extent, axis_names)} (a summary of every "
                                  "position, applied back to the map)", function=e.function, index=e.index))
+        elif e.kind == "gridpool" and e.followed and _grows(e, twin, sizes) and second is not None \
+                and not e.rejoined and e.key not in back_on_map:
+            # the grid goes on as the map: a resize to a constant size by pooling
+            found.append(Finding("resized", e.module, e.op,
+                                 f"pooled to a {'x'.join(map(str, e.out_sizes))} grid ({e.op}): nothing after it "
+                                 "varies with the input", e.out_sizes, e.function, e.index))
         elif e.kind == "gridpool" and e.followed and _grows(e, twin, sizes):
             found.append(Finding("context", e.module, e.op,
                                  f"{e.op} to a grid of fixed size: each cell summarises a part of "
