@@ -42,9 +42,10 @@ def render_report(report: AnalysisReport, console: Console, *, nodes: bool = Fal
             mark = "[red]fails[/]"
         checks.append(f"{size} {mark}{'' if c.agrees else ' [bold magenta](disagrees)[/]'}")
     if len(fails) > 2:
+        where = fails[0].failed_module or fails[0].failed_node
         checks = [x for x in checks if "fails" not in x][:3] + [
             f"[red]{len(fails)} other sizes fail[/] ({', '.join('x'.join(map(str, c.input_shape[2:])) for c in fails[:3])}"
-            f", ...; first at {fails[0].failed_module or fails[0].failed_node})"]
+            f", ...{f'; first at {where}' if where else ''})"]
     info.add_row("concrete", "; ".join(checks))
     lines.append(info)
     console.print(Panel(Group(*lines), title="mixfx analyze", expand=False))

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import mixfx
-from verdict_models import (BlockDivisible, Conv1dNet, InputSizeBranch, PoolToGridThenConv, ResizeThenConv,
-                            SizeBranch, runs_at)
+from verdict_models import (BatchAbsorbingView, BlockDivisible, Conv1dNet, FoldToFixedSize, InputSizeBranch,
+                            LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, SizeBranch, runs_at)
 
 
 def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -154,3 +154,38 @@ def test_size_branch_not_taken_at_the_example_is_a_constraint():
     branch = [c for c in r.constraints if "branch" in c]
     assert branch and branch[0].startswith("H <= 40"), r.constraints
     assert "test_verdicts_sizes.py" not in branch[0] and "verdict_models.py" in branch[0]
+
+
+def test_sampling_at_a_learned_grid_is_a_resize():
+    torch.manual_seed(0)
+    model = LearnedSamplingGrid().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
+    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "polymorphic", r.summary
+    assert [(n.kind, n.op) for n in r.rigid_nodes] == [("resized", "grid_sample")]
+    assert "12x12" in r.rigid_nodes[0].reason
+
+
+def test_fold_to_a_fixed_size_is_rigid_and_not_the_head():
+    """The fold's output is a map: the model has no head (its output is spatial)."""
+    torch.manual_seed(0)
+    model = FoldToFixedSize().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and not runs_at(model, (1, 3, 48, 64))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 48)).shape[2:] == (32, 48)
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "fixed", r.summary
+    assert [n.op for n in r.rigid_nodes] == ["fold"], r.rigid_nodes
+    assert r.head is None, r.head
+
+
+def test_a_view_whose_batch_takes_the_size_change_is_rigid():
+    torch.manual_seed(0)
+    model = BatchAbsorbingView().eval()
+    with torch.no_grad():  # ground truth: more images out than in, not a failure
+        assert model(torch.randn(1, 3, 64, 48)).shape[0] == 2
+        assert model(torch.randn(1, 3, 32, 96)).shape[0] == 2
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "fixed", r.summary
+    assert [(n.node, n.kind) for n in r.rigid_nodes] == [("view", "structural")], r.rigid_nodes

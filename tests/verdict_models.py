@@ -531,3 +531,46 @@ class RowLSTM(nn.Module):
         b, c, h, w = x.shape
         rows, _ = self.rnn(x.permute(0, 2, 3, 1).reshape(b * h, w, c))
         return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class LearnedSamplingGrid(nn.Module):
+    """Samples the map at a learned 12x12 grid (`F.grid_sample` with a parameter grid) and goes on
+    convolving: a resize to a constant size, like `interpolate(size=...)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.grid = nn.Parameter(torch.rand(1, 12, 12, 2) * 2 - 1)
+        self.body = nn.Conv2d(C, C, 3, padding=1)
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.grid_sample(x, self.grid.expand(x.shape[0], -1, -1, -1), align_corners=False)
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+class FoldToFixedSize(nn.Module):
+    """Blocks of 4x4 (`F.unfold`) folded back onto a map of a fixed 32x48 (`F.fold`): the fold
+    pins the number of blocks; its output is still a map of positions (no head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.out = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(F.fold(F.unfold(self.stem(x), 4, stride=4), (32, 48), 4, stride=4))
+
+
+class BatchAbsorbingView(nn.Module):
+    """Tokens viewed onto a hard-coded 8x12 grid with the batch as -1: at another size the view
+    does not fail, the batch takes the change (2 images out for 1 in at 64x48)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 4, 4)
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        return self.fc(self.embed(x).flatten(2).view(-1, C, 8, 12).mean((2, 3)))

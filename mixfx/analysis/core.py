@@ -66,12 +66,22 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.specialised = False  # the graph was exported at the example size only
         self.pinned_constraints: list[str] = []  # pins of some dims only, where the others vary
         self.square_only = False  # the size search ran square sizes only (set by run)
+        self.expect_batch: int | None = None  # the outputs' leading dim at the example (set by run)
+
+    def _output_batch(self, base: ConcreteRun) -> int | None:
+        """The batch, where every tensor output leads with it at the example: another size whose
+        outputs lead with something else does not run as the model means to."""
+        out = self._output_node()
+        shapes = [base.shapes.get(a.name) for a in (out.all_input_nodes if out is not None else [])]
+        shapes = [s for s in shapes if isinstance(s, tuple)]
+        batch = int(self.example[0])
+        return batch if shapes and all(s and int(s[0]) == batch for s in shapes) else None
 
     def probe(self, shape: Sequence[int]) -> size_search.Probe:
         """Does the eager model run at `shape`? (memoised)"""
         shape = tuple(int(s) for s in shape)
         if shape not in self.probes:
-            self.probes[shape] = size_search.probe(self.eager, shape)
+            self.probes[shape] = size_search.probe(self.eager, shape, expect_batch=self.expect_batch)
         return self.probes[shape]
 
     # -- runs -------------------------------------------------------------------------------
@@ -80,6 +90,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         base = self.example_run if self.example_run is not None else propagate_concrete(self.gm, self.example)
         self.base_probe_failures = base.probe_failures
         self.base_shapes = base.shapes
+        self.expect_batch = self._output_batch(base)
         self.notes.extend(base.notes)
         self._require_example_ok(base)
         self.timings["concrete_example_s"] = time.perf_counter() - t0
@@ -215,7 +226,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             sizes = {n: shape[2 + i] for i, n in enumerate(self.dim_names)}
             return all(p(**sizes) for p in preds)
 
-        search = size_search.search(self.eager, self.example, want=2, prefer=prefer if preds else None)
+        search = size_search.search(self.eager, self.example, want=2, prefer=prefer if preds else None,
+                                    expect_batch=self.expect_batch)
         for p in search.probes:
             self.probes.setdefault(p.input_shape, p)
         self.search = search
@@ -345,9 +357,20 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         run = propagate_concrete(self.gm, tuple(probe.input_shape), allow_real=False,
                                  example_probe_failures=self.base_probe_failures)
         n = self.by_name.get(run.failure.node) if run.failure is not None else None
+        if n is None and run.failure is None and self.expect_batch is not None:
+            n = self._batch_taker(run)
         if n is None:
             return None, None, "?"
         return n.name, module_path(n), op_name(n, self.gm)
+
+    def _batch_taker(self, run: ConcreteRun) -> torch.fx.Node | None:
+        """The first node whose leading dim is the batch at the example and not at `run`'s size."""
+        batch = self.expect_batch
+        for n in self.nodes:
+            a, b = self.base_shapes.get(n.name), run.shapes.get(n.name)
+            if isinstance(a, tuple) and isinstance(b, tuple) and a and b and a[0] == batch and b[0] != batch:
+                return n
+        return None
 
     def _node_of(self, module: str | None) -> str | None:
         """The fx node that runs `module` (or the deepest module above it that the graph has)."""

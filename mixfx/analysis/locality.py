@@ -662,6 +662,28 @@ def _rule_interpolate(r: _Recorder, x, args, kwargs, out, outs):
     return []
 
 
+def _rule_grid_sample(r: _Recorder, x, args, kwargs, out, outs):
+    """`F.grid_sample(x, grid)`: the output takes the grid's spatial size. A grid of a constant
+    size (a learned sampling grid) resizes like `interpolate` to a constant size; a grid built
+    for the input's size (`affine_grid(theta, x.size())`, a deformable offset field) keeps the
+    map. The grid's own inputs (a theta pooled from the map) reach every output position."""
+    o = outs[0]
+    n = x.dim() - 2
+    if o.dim() != x.dim():
+        return None
+    lay = list(r.layout(x))
+    for i in range(n):
+        a, b = int(x.shape[2 + i]), int(o.shape[2 + i])
+        if a != b:
+            lay[2 + i] = L.resample(lay[2 + i], b, a / b, max(a / b - 1, 0.0))
+    grids = frozenset(k for k in r.resized.get(id(x), ()) if r.by_key[k].kind == "gridpool")
+    ev = r.emit("resize", "grid_sample", [], in_sizes=tuple(int(s) for s in x.shape[2:]),
+                out_sizes=tuple(int(s) for s in o.shape[2:]), from_grids=grids)
+    r.mark_followed([x])
+    r.pending_grid = ev.key  # the output comes from this resample (set() adds it)
+    return [tuple(lay)]
+
+
 def _rule_pad(r: _Recorder, x, args, kwargs, out, outs):
     """Padding (timm's TF-"same" convs pad by amounts computed from the size): each padded dim
     keeps its positions, with a border added."""
@@ -707,6 +729,24 @@ def _rule_unfold(r: _Recorder, x, args, kwargs, out, outs):
     return [(lay[0], L.channel(o.shape[1]), (*hs, *ws))]
 
 
+def _rule_fold(r: _Recorder, x, args, kwargs, out, outs):
+    """`F.fold` (col2im) puts a sequence of blocks back on a map: where the blocks came from
+    positions along H, W (an unfold, a window partition), the output is a map of them again."""
+    o = outs[0]
+    if x.dim() != 3 or o.dim() != 4:
+        return None
+    blocks = r.layout(x)[2]
+    axes = [a for a in blocks if a.axis is not None]
+    if not L.positional(blocks) or len(axes) != 2 or axes[0].axis == axes[1].axis:
+        return None
+    rows, cols = sorted(axes, key=lambda a: a.axis)
+    dims = []
+    for atom, size in ((rows, int(o.shape[2])), (cols, int(o.shape[3]))):
+        step = atom.step * atom.length / size if size else atom.step
+        dims.append((L.Atom(atom.axis, step, size, max(step, 1.0)),))
+    return [(r.layout(x)[0], L.channel(o.shape[1]), *dims)]
+
+
 def _with_op(name: str, rule: Callable) -> Callable:
     def run(r: _Recorder, *a):
         r._op = name
@@ -725,7 +765,7 @@ _RULES.update({"unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "getitem"
                "split_with_sizes": _rule_split, "unbind": _rule_unbind, "cat": _rule_cat, "concat": _rule_cat,
                "concatenate": _rule_cat, "stack": _rule_stack, "linear": _rule_linear, "einsum": _rule_einsum,
                "scaled_dot_product_attention": _rule_sdpa, "multi_head_attention_forward": _rule_mha,
-               "interpolate": _rule_interpolate, "upsample": _rule_interpolate, "unfold": _rule_unfold,
+               "interpolate": _rule_interpolate, "upsample": _rule_interpolate, "grid_sample": _rule_grid_sample, "fold": _rule_fold, "unfold": _rule_unfold,
                "pad": _rule_pad, "constant_pad_nd": _rule_pad})
 for _n in _MATMULS:
     _RULES[_n] = _rule_matmul

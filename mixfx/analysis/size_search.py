@@ -41,6 +41,7 @@ class SizeSearch:
     probes: list[Probe] = field(default_factory=list)
     # no size with H != W ran, square ones did (`H == W` is required): set by `search`
     square_only: bool = False
+    expect_batch: int | None = None  # every output's leading dim at the example: the batch
 
     @property
     def running(self) -> list[tuple[int, ...]]:
@@ -76,11 +77,23 @@ REAL_FORWARD_LIMIT = 2_000_000 * 64 * 64
 
 
 def probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-          confirm: bool = False) -> Probe:
+          confirm: bool = False, expect_batch: int | None = None) -> Probe:
     """Run the eager model once at `shape`; never raises. On meta tensors first; where the model
     has real weights and the forward is affordable (or `confirm`: whatever it costs), a meta run
     that succeeds is confirmed by a real one (meta tensors do not check index bounds: a position
-    table indexed past its end "runs"), and one that cannot run on meta tensors is replaced by it."""
+    table indexed past its end "runs"), and one that cannot run on meta tensors is replaced by it.
+    With `expect_batch` (the outputs' leading dim at the example is the batch), a forward whose
+    outputs lead with another size does not run: a `view(-1, C, 14, 14)` put the size change into
+    the batch."""
+    got = _probe(model, shape, dtype, confirm)
+    if got.ok and expect_batch is not None and any(o and o[0] != expect_batch for o in got.out_shapes):
+        lead = next(o[0] for o in got.out_shapes if o and o[0] != expect_batch)
+        return Probe(got.input_shape, False, f"the output's batch dim is {lead}, not {expect_batch}: a view with -1 "
+                     "took the size change into the batch", None, "shape", got.real, got.out_shapes)
+    return got
+
+
+def _probe(model: nn.Module, shape: Sequence[int], dtype: torch.dtype, confirm: bool) -> Probe:
     shape = tuple(int(s) for s in shape)
     stack: list[str] = []
     try:
@@ -158,15 +171,15 @@ def candidates(example: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def search(model: nn.Module, example: Sequence[int], *, want: int = 2, max_probes: int = 10,
-           prefer: Callable[[tuple[int, ...]], bool] | None = None) -> SizeSearch:
+           prefer: Callable[[tuple[int, ...]], bool] | None = None, expect_batch: int | None = None) -> SizeSearch:
     """Probe candidate sizes until `want` of them run (or `max_probes` were tried). Candidates
     that satisfy `prefer` (the symbolic constraints, when known) go first."""
-    result = SizeSearch(tuple(int(s) for s in example))
+    result = SizeSearch(tuple(int(s) for s in example), expect_batch=expect_batch)
     cands = candidates(example)
     if prefer is not None:
         cands = [c for c in cands if _safe(prefer, c)] + [c for c in cands if not _safe(prefer, c)]
     for shape in cands[:max_probes]:
-        result.probes.append(probe(model, shape))
+        result.probes.append(probe(model, shape, expect_batch=expect_batch))
         if len(result.running) >= want:
             break
     if not result.running:
@@ -181,14 +194,14 @@ def _search_square(model: nn.Module, example: Sequence[int], result: SizeSearch)
     cost). Where one runs, the x2 by x3 size (every divisibility the example meets, sides apart)
     tells a square requirement from a divisibility the nearby sizes missed: a real one too."""
     for shape in square_candidates(example):
-        got = probe(model, shape, confirm=True)
+        got = probe(model, shape, confirm=True, expect_batch=result.expect_batch)
         result.probes.append(got)
         if got.ok or got.real:
             break
     if not result.running:
         return
     apart = (*example[:2], *(s * (2 + i) for i, s in enumerate(example[2:])))
-    result.probes.append(probe(model, apart, confirm=True))
+    result.probes.append(probe(model, apart, confirm=True, expect_batch=result.expect_batch))
     result.square_only = not result.probes[-1].ok
 
 
@@ -229,7 +242,7 @@ def divisibility(model: nn.Module, base: Sequence[int], names: Sequence[str], se
             shape[2 + i] = base[2 + i] + p
             got = search_result.probe_at(shape)
             if got is None:
-                got = probe(model, shape)
+                got = probe(model, shape, expect_batch=search_result.expect_batch)
                 search_result.probes.append(got)
                 probes += 1
             if got.ok:
