@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import mixfx
-from verdict_models import (BatchAbsorbingView, BlockDivisible, Conv1dNet, FoldToFixedSize, InputSizeBranch,
-                            LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, SizeBranch, runs_at)
+from verdict_models import (BatchAbsorbingView, BlockDivisible, Conv1dNet, FoldToFixedSize, GlobalFilter,
+                            InputSizeBranch, LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, SizeBranch,
+                            runs_at)
 
 
 def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -189,3 +190,17 @@ def test_a_view_whose_batch_takes_the_size_change_is_rigid():
     r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
     assert r.classification == "fixed", r.summary
     assert [(n.node, n.kind) for n in r.rigid_nodes] == [("view", "structural")], r.rigid_nodes
+
+
+def test_a_fake_kernels_guard_that_the_eager_model_passes_is_not_rigid():
+    """rfft2's fake kernel guards on (H//4)*(W//4) == 64 at 32x32, yet the eager FFT runs at any
+    size; the filter multiply is what fails (32x36 runs: W//4//2 + 1 is still 5)."""
+    torch.manual_seed(0)
+    model = GlobalFilter().eval()
+    assert runs_at(model, (1, 3, 32, 36)) and runs_at(model, (1, 3, 32, 39))
+    assert not runs_at(model, (1, 3, 48, 48)) and not runs_at(model, (1, 3, 32, 40))
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 32))
+    assert r.classification == "fixed", r.summary
+    assert [n.op for n in r.rigid_nodes] == ["mul"], r.rigid_nodes
+    assert "32 <= W <= 39" in r.constraints, r.constraints
+    assert {m.op for m in r.global_mixing} >= {"fft_rfft2"}, r.global_mixing

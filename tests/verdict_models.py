@@ -574,3 +574,19 @@ class BatchAbsorbingView(nn.Module):
 
     def forward(self, x):
         return self.fc(self.embed(x).flatten(2).view(-1, C, 8, 12).mean((2, 3)))
+
+
+class GlobalFilter(nn.Module):
+    """GFNet's global filter: rfft2 of the map, times a learned filter of the example's frequency
+    grid, irfft2 back. The filter multiply pins the size; the FFT itself runs at any size."""
+
+    def __init__(self, grid: tuple[int, int] = (8, 8)) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 4, 4)
+        self.filter = nn.Parameter(torch.randn(C, grid[0], grid[1] // 2 + 1, 2) * 0.02)
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        spectrum = torch.fft.rfft2(x, norm="ortho") * torch.view_as_complex(self.filter)
+        return self.fc(torch.fft.irfft2(spectrum, s=x.shape[-2:], norm="ortho").mean((2, 3)))

@@ -308,6 +308,8 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                 self.notes.append(f"`{r.node}` ({r.module}) branches on {r.condition} at the example size, but the "
                                   f"eager model runs at {size}: a branch taken there (or a specialisation), not rigid.")
             return checks, disagreements, []
+        if rigid and not running:
+            rigid = self._drop_passed(rigid, search)
         if not rigid and not running and search.probes:
             fails = [p for p in search.probes if not p.ok]
             first = fails[0]
@@ -321,6 +323,34 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             disagreements.append(f"The symbolic run found no rigid node, but the eager model runs at none of "
                                  f"{len(fails)} other sizes (first failure at `{where}`).")
         return checks, disagreements, rigid
+
+    def _drop_passed(self, rigid: list[RigidNode], search: size_search.SizeSearch) -> list[RigidNode]:
+        """A pin the graph ran through at a size it rules out was a fake kernel's guard, not a
+        requirement (`rfft2` guards on a product of sizes; the filter multiply after it is what
+        fails): the rigid nodes are those the first failing size did not pass."""
+        fails = [p for p in search.probes if not p.ok]
+        exprs = getattr(self, "rigid_exprs", {})
+        if not fails or len(rigid) < 2 or not any(exprs.get(r.node) for r in rigid):
+            return rigid
+        shape = tuple(fails[0].input_shape)
+        run = propagate_concrete(self.gm, shape, allow_real=False, example_probe_failures=self.base_probe_failures)
+        sizes = dict(zip(self.dim_names, shape[2:]))
+        kept = []
+        for r in rigid:
+            ran = r.node in run.shapes and (run.failure is None or run.failure.node != r.node)
+            try:
+                violated = bool(exprs.get(r.node)) and not all(predicate(e, self.symbols)(**sizes)
+                                                               for e in exprs[r.node])
+            except Exception:  # noqa: BLE001 - unevaluable: keep the node
+                violated = False
+            if r.kind == "structural" and ran and violated:
+                dropped = {str(e) for e in exprs[r.node]}
+                self.pin_exprs = [e for e in getattr(self, "pin_exprs", []) if str(e) not in dropped]
+                self.notes.append(f"`{r.node}` guarded {r.condition} on symbolic shapes, but the graph runs through it "
+                                  f"at {'x'.join(map(str, shape[2:]))}: not what pins the size.")
+                continue
+            kept.append(r)
+        return kept or rigid
 
     # -- locality -------------------------------------------------------------------------------
     def _locality(self, running: list[tuple[int, ...]]) -> list[locality.Finding] | None:

@@ -44,6 +44,7 @@ class GuardStage:
     def _rigid_nodes(self, meanings) -> list[RigidNode]:
         rigid: list[RigidNode] = []
         seen: set[str] = set()
+        self.rigid_exprs: dict[str, list] = {}  # structural rigid node -> its pinning guards
         example_txt = "x".join(str(v) for v in self.example_sizes.values())
         self.pin_exprs = [m.expr for entries in meanings.values() for _, ms in entries for m in ms
                           if m.kind == "fixed" and m.expr is not None]
@@ -64,6 +65,8 @@ class GuardStage:
             seen.update(texts)
             if new:
                 rigid.append(self._structural(n, " and ".join(new), example_txt))
+                self.rigid_exprs[n.name] = [m.expr for _, ms in meanings.get(n.name, []) for m in ms
+                                            if m.kind == "fixed" and m.expr is not None]
         return _merge_guards(rigid, example_txt)
 
     def _assert_module(self, n: torch.fx.Node) -> str | None:
