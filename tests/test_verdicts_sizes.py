@@ -8,8 +8,8 @@ from torch import nn
 
 import mixfx
 from verdict_models import (BatchAbsorbingView, BlockDivisible, Conv1dNet, FoldToFixedSize, GlobalFilter,
-                            InputSizeBranch, LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, SizeBranch,
-                            runs_at)
+                            InputSizeBranch, LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, RowsAsFeatures,
+                            SizeBranch, runs_at)
 
 
 def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -204,3 +204,16 @@ def test_a_fake_kernels_guard_that_the_eager_model_passes_is_not_rigid():
     assert [n.op for n in r.rigid_nodes] == ["mul"], r.rigid_nodes
     assert "32 <= W <= 39" in r.constraints, r.constraints
     assert {m.op for m in r.global_mixing} >= {"fft_rfft2"}, r.global_mixing
+
+
+def test_a_pin_of_one_dim_is_rigid_but_not_fixed():
+    """A Linear over the rows pins H while W varies: it runs at other sizes (not fixed), yet the
+    map stops varying along H before the head (not convolutional)."""
+    torch.manual_seed(0)
+    model = RowsAsFeatures().eval()
+    assert runs_at(model, (1, 3, 32, 96)) and runs_at(model, (1, 3, 32, 20))
+    assert not runs_at(model, (1, 3, 40, 48)) and not runs_at(model, (1, 3, 24, 48))
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "polymorphic", r.summary
+    assert [(n.module, n.kind) for n in r.rigid_nodes] == [("fc", "structural")]
+    assert "H == 32" in r.constraints

@@ -590,3 +590,15 @@ class GlobalFilter(nn.Module):
         x = self.embed(x)
         spectrum = torch.fft.rfft2(x, norm="ortho") * torch.view_as_complex(self.filter)
         return self.fc(torch.fft.irfft2(spectrum, s=x.shape[-2:], norm="ortho").mean((2, 3)))
+
+
+class RowsAsFeatures(nn.Module):
+    """Averages over W, then a Linear over the 32 rows: H is pinned to 32, W varies freely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.stem(x).mean(-1)).mean(1)

@@ -8,6 +8,8 @@ the extent it combines (`locality`) -> verdict, constraints, output formula.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import gc
 import re
@@ -65,6 +67,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         self.example_log: locality.OpLog | None = None
         self.specialised = False  # the graph was exported at the example size only
         self.pinned_constraints: list[str] = []  # pins of some dims only, where the others vary
+        self.partial_pins: list[RigidNode] = []  # the nodes that make them: rigid, but not fixed
         self.square_only = False  # the size search ran square sizes only (set by run)
         self.expect_batch: int | None = None  # the outputs' leading dim at the example (set by run)
 
@@ -151,7 +154,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         resized = [self._resized_node(f) for f in resized_findings]
         # a resize to a constant size ends the spatial dependence, but positions go on being
         # positions after it: it is not the head
-        not_heads = {r.node for r in rigid} | {r.node for r in resized} | {
+        not_heads = {r.node for r in rigid + self.partial_pins} | {r.node for r in resized} | {
             n.name for n in self.nodes for f in resized_findings
             if (f.function and getattr(n.target, "__name__", None) == f.function)
             or (f.module and (module_path(n) or "").startswith(f.module))}
@@ -189,7 +192,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         out_spatial = any(self._node_spatial(self._output_node(), spatial))
         if fixed:
             cls = "fixed"
-        elif mixing or resized:
+        elif mixing or resized or self.partial_pins:
             cls = "polymorphic"
         else:
             cls = "convolutional"
@@ -200,7 +203,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             classification=cls,
             fully_convolutional=(cls == "convolutional" and out_spatial),
             summary="",
-            rigid_nodes=rigid + resized,
+            rigid_nodes=rigid + resized + self.partial_pins,
             head=HeadInfo(head.name, module_path(head), op_name(head, self.gm)) if head is not None else None,
             global_mixing=mixing,
             global_context=context,
@@ -213,7 +216,7 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             dropped_guards=dropped_constraints + self.noise,
             unknown_nodes=[sym.failure.node] if sym.failure is not None else [],
         )
-        report.nodes = self._node_table(spatial, rigid + resized, mixing, head_nodes, context)
+        report.nodes = self._node_table(spatial, rigid + resized + self.partial_pins, mixing, head_nodes, context)
         report.summary = _summary(report)
         return report
 
@@ -302,8 +305,11 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
                     # a pin on some dims only (`H == 32`): the others vary, so the model is not fixed,
                     # but every size that runs keeps the pinned dims: a real input constraint
                     self.pinned_constraints.append(r.condition)
+                    self.partial_pins.append(dataclasses.replace(
+                        r, reason=f"{r.reason}; the other dims vary (the eager model runs at {size}): not fixed, "
+                                  f"but {r.condition} holds at every size, so the map does not keep varying"))
                     self.notes.append(f"`{r.module or r.node}` pins {r.condition}; the eager model runs at {size} "
-                                      "and other sizes that keep it: not fixed, but constrained.")
+                                      "and other sizes that keep it: not fixed, but not convolutional either.")
                     continue
                 self.notes.append(f"`{r.node}` ({r.module}) branches on {r.condition} at the example size, but the "
                                   f"eager model runs at {size}: a branch taken there (or a specialisation), not rigid.")
@@ -687,6 +693,10 @@ def _summary(r: AnalysisReport) -> str:
         first = resized[0]
         return (f"accepts any size but is not convolutional: {first.reason} (at `{first.module or first.node}`, "
                 f"{first.op}).")
+    if r.classification == "polymorphic" and not r.global_mixing:
+        first = next(n for n in r.rigid_nodes if n.kind != "resized")
+        return (f"accepts other sizes but is not convolutional: `{first.module or first.node}` ({first.op}) pins "
+                f"{first.condition} while the other dims vary.")
     if r.classification == "polymorphic":
         m = r.global_mixing[0]
         return (f"shape-polymorphic but not convolutional: global mixing at `{m.module or m.node}` ({m.op}): "
