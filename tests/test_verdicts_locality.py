@@ -11,7 +11,7 @@ import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
                             GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
                             PooledAttention, PyramidPoolingNet, ResponseNormNet, RowLSTM, RowScan, SamePadSENet,
-                            SpatialNormalizeNet, WindowNet, WrappedAttention,
+                            SpatialNormalizeNet, StripPoolGate, WindowNet, WrappedAttention,
                             far_change_is_per_channel_affine, far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
@@ -172,3 +172,18 @@ def test_mixing_along_one_axis_is_judged_at_a_size_that_changes_that_axis(factor
     r = mixfx.analyze(model, torch.randn(1, 3, 16, 24))
     assert r.classification == "polymorphic", r.summary
     assert r.global_mixing and "W" in r.global_mixing[0].reason, r.global_mixing
+
+
+def test_a_gate_pooled_along_one_axis_is_global_context():
+    """The pooled grid is 1 x W: its size follows the input along W, so its event must pair
+    with the one at the other size (keyed without its sizes) to be judged at all."""
+    torch.manual_seed(0)
+    model = StripPoolGate().eval()
+    x = torch.randn(1, 3, 48, 16)
+    y = x.clone()
+    y[..., :4, :] += 5.0
+    with torch.no_grad():  # ground truth: the top rows reach the bottom rows, column by column
+        assert not torch.allclose(model(x)[..., -4:, :], model(y)[..., -4:, :])
+    r = _analyse(model)
+    assert r.classification == "convolutional", r.summary
+    assert [c.op for c in r.global_context] == ["adaptive_avg_pool2d"], r.global_context

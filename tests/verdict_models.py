@@ -602,3 +602,18 @@ class RowsAsFeatures(nn.Module):
 
     def forward(self, x):
         return self.fc(self.stem(x).mean(-1)).mean(1)
+
+
+class StripPoolGate(nn.Module):
+    """A gate from the map pooled over H only (`adaptive_avg_pool2d(x, (1, None))`), multiplied
+    back: every row sees a summary of its whole column (global context along H)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.gate = nn.Conv2d(C, C, 1)
+        self.out = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.out(x * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(x, (1, None)))))

@@ -613,8 +613,12 @@ def _adaptive(r: _Recorder, x, o, n: int, op: str) -> L.Layout:
         if L.is_positional(tuple(lay)):
             # pooled to a grid of several cells (a pyramid-pooling level, a query pooled to the
             # window grid): each cell summarises an extent that grows with the input
-            r.pending_grid = r.emit("gridpool", op, cells, in_sizes=tuple(int(s) for s in x.shape[start:]),
-                                    out_sizes=tuple(int(s) for s in o.shape[start:])).key
+            grid = r.emit("gridpool", op, cells)
+            # sizes kept out of the event's key: a grid that follows the input on some axis
+            # (pooled over H only) must still pair with its twin at the other size
+            grid.in_sizes = tuple(int(s) for s in x.shape[start:])
+            grid.out_sizes = tuple(int(s) for s in o.shape[start:])
+            r.pending_grid = grid.key
     return tuple(lay)
 
 
@@ -956,8 +960,8 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
             found.append(Finding("context", e.module, e.op,
                                  f"{e.detail} over all of {_axes_text(e.extent, axis_names)} (a summary of every "
                                  "position, applied back to the map)", function=e.function, index=e.index))
-        elif e.kind == "gridpool" and e.followed and _grows(e, twin, sizes) and second is not None \
-                and not e.rejoined and e.key not in back_on_map:
+        elif e.kind == "gridpool" and e.followed and _grows(e, twin, sizes) and twin is not None \
+                and twin.out_sizes == e.out_sizes and not e.rejoined and e.key not in back_on_map:
             # the grid goes on as the map: a resize to a constant size by pooling
             found.append(Finding("resized", e.module, e.op,
                                  f"pooled to a {'x'.join(map(str, e.out_sizes))} grid ({e.op}): nothing after it "
