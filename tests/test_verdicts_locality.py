@@ -9,7 +9,7 @@ import torch
 
 import mixfx
 from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
-                            GridPoolClassifier, LatentCrossAttention, LeafNet, LinearAttention, ModuleGateNet,
+                            GridPoolClassifier, LatentCrossAttention, PaddedWindowNet, LeafNet, LinearAttention, ModuleGateNet,
                             PooledAttention, PyramidPoolingNet, ResponseNormNet, RowLSTM, RowScan, SamePadSENet,
                             SpatialNormalizeNet, StripPoolGate, WindowNet, WrappedAttention,
                             far_change_is_per_channel_affine, far_end_changes, reach_grows)
@@ -187,3 +187,22 @@ def test_a_gate_pooled_along_one_axis_is_global_context():
     r = _analyse(model)
     assert r.classification == "convolutional", r.summary
     assert [c.op for c in r.global_context] == ["adaptive_avg_pool2d"], r.global_context
+
+
+def test_window_attention_on_a_map_padded_to_the_window_is_local():
+    """The padded map's positions go on past the image at the same spacing: the windows split
+    from it are 7 positions wide at every size (was judged global: the pad lost the positions at
+    sizes that needed one, not at the example)."""
+    torch.manual_seed(0)
+    model = PaddedWindowNet().eval()
+    assert not far_end_changes(model, (1, 3, 24, 40)) and not reach_grows(model, (1, 3, 24, 40), (1, 3, 40, 64))
+    r = mixfx.analyze(model, torch.randn(1, 3, 28, 42))
+    assert r.classification == "convolutional", r.summary
+    assert r.global_mixing == []
+    # the two runs the judgement compares: nothing padded at 28x42, W padded at 28x48
+    from mixfx.analysis import locality
+
+    first, second = locality.record_ops(model, (1, 3, 28, 42)), locality.record_ops(model, (1, 3, 28, 48))
+    windows = [e.extent for e in second.events if e.kind == "mixing"]
+    assert windows == [e.extent for e in first.events if e.kind == "mixing"] and set(windows[0]) == {0, 1}
+    assert locality.judge(first, second, ["H", "W"]) == []

@@ -617,3 +617,27 @@ class StripPoolGate(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         return self.out(x * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(x, (1, None)))))
+
+
+class PaddedWindowNet(nn.Module):
+    """Swin's padding: the channels-last map padded to a multiple of the 7x7 window, attention
+    inside each window, the padding cropped off. At a 28x42 example nothing is padded; at most
+    other sizes something is."""
+
+    def __init__(self, window: int = 7) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.k = window
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        k = self.k
+        x = F.pad(x, (0, 0, 0, (k - w % k) % k, 0, (k - h % k) % k))
+        hp, wp = x.shape[1], x.shape[2]
+        t = x.view(b, hp // k, k, wp // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * k, c)
+        q, kk, v = self.qkv(t).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, kk, v)
+        o = o.view(b, hp // k, wp // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+        return o[:, :h, :w].permute(0, 3, 1, 2)

@@ -697,7 +697,14 @@ def _rule_pad(r: _Recorder, x, args, kwargs, out, outs):
     lay = list(r.layout(x))
     for d in range(x.dim()):
         if int(o.shape[d]) != int(x.shape[d]):
-            lay[d] = L.resample(lay[d], int(o.shape[d]), 1.0, 0.0)
+            atoms = lay[d]
+            if len(atoms) == 1 and atoms[0].axis is not None and L.dim_length(atoms) == int(x.shape[d]):
+                # the border continues the run of positions at the same spacing: a map padded to
+                # a multiple of the window still splits into windows of positions
+                a = atoms[0]
+                lay[d] = (L.Atom(a.axis, a.step, int(o.shape[d]), a.span),)
+            else:
+                lay[d] = L.resample(lay[d], int(o.shape[d]), 1.0, 0.0)
     return [tuple(lay)]
 
 
