@@ -236,6 +236,11 @@ def summarise_domain(exprs: list, symbols: Mapping[str, sympy.Symbol], example: 
             smallest = next(x for x in xs if x % (m.modulus or 1) == 0) if m.modulus else 1
             if first > smallest:
                 out.append(f"{name} >= {first}")
+        elif m.modulus:  # periodic from the smallest size that runs (a CLIP ResNet's attention pool)
+            residues = sorted({x % m.modulus for x, v in zip(tail_xs, tail) if v})
+            out.append(f"{name} % {m.modulus} in {{{', '.join(map(str, residues))}}}")
+            if first > next(x for x in xs if x % m.modulus in residues):
+                out.append(f"{name} >= {first}")
         else:
             full = _characterise_1d(name, xs, vals, "")
             if full.kind not in ("divisible", "min_size", "max_size") and not full.modulus:

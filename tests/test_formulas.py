@@ -86,3 +86,14 @@ def test_predicate_reads_ceil_as_the_printer_spells_it():
     h = _sympy.Symbol("s0", positive=True, integer=True)
     f = _predicate(_sympy.Eq(_sympy.ceiling(h / 3), 5), {"H": h})
     assert [x for x in range(1, 30) if f(H=x)] == [13, 14, 15]
+
+
+def test_a_period_that_starts_at_a_minimum_size_is_a_period_and_a_minimum():
+    """A CLIP ResNet's attention pool accepts H in 31..34, 63..66, ...: periodic (32) from 31 on,
+    but not below (1 and 2 do not run though 33 and 34 do). Read as a period and a minimum, not
+    as the first six sizes and an ellipsis."""
+    guard = sympy.And(sympy.Lt(PythonMod(H + 1, 32), 4), H >= 31)
+    texts = summarise_domain([guard], SYM, EX)
+    assert texts == ["H % 32 in {0, 1, 2, 31}", "H >= 31"]
+    for h in range(1, 600):  # the texts (Python expressions) accept exactly what the guard does
+        assert bool(guard.subs(H, h)) == all(eval(t, {"H": h}) for t in texts), h  # noqa: S307
