@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import sympy
-from torch.utils._sympy.functions import FloorDiv
+from torch.utils._sympy.functions import FloorDiv, PythonMod
 from torch.utils._sympy.printers import PythonPrinter
 
 _PRINTER = PythonPrinter()
@@ -78,10 +78,20 @@ def _fmt(e) -> str:
         return out
     if isinstance(e, sympy.Mul):
         coeff = [a for a in e.args if _int(a) is not None]
-        others = [f"({_fmt(a)})" if isinstance(a, FloorDiv) else _atom(a) for a in e.args if _int(a) is None]
+        others = [f"({_fmt(a)})" if isinstance(a, (FloorDiv, sympy.floor)) else _atom(a)
+                  for a in e.args if _int(a) is None]
         return "*".join([str(_int(c)) for c in coeff] + others)
     if isinstance(e, FloorDiv):
         return f"{_atom(e.args[0])}//{_atom(e.args[1])}"
+    if isinstance(e, (sympy.Mod, PythonMod)) and len(e.args) == 2:
+        a = e.args[0]
+        return f"{f'({_fmt(a)})' if isinstance(a, (FloorDiv, sympy.floor)) else _atom(a)} % {_atom(e.args[1])}"
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        # guards read back from torch's log: `floor((1/16)*H)` is H//16, `ceiling(H/32)` ceil(H/32)
+        num, den = sympy.fraction(sympy.together(e.args[0]))
+        if _int(den) is not None and _int(den) > 0:
+            return (f"{_atom(num)}//{_int(den)}" if isinstance(e, sympy.floor)
+                    else f"ceil({_fmt(num)}/{_int(den)})")
     if isinstance(e, sympy.Max):
         return "max(" + ", ".join(_fmt(a) for a in e.args) + ")"
     if isinstance(e, sympy.Min):

@@ -97,3 +97,13 @@ def test_a_period_that_starts_at_a_minimum_size_is_a_period_and_a_minimum():
     assert texts == ["H % 32 in {0, 1, 2, 31}", "H >= 31"]
     for h in range(1, 600):  # the texts (Python expressions) accept exactly what the guard does
         assert bool(guard.subs(H, h)) == all(eval(t, {"H": h}) for t in texts), h  # noqa: S307
+
+
+def test_guards_read_back_from_torchs_log_print_like_the_others():
+    """torch.export's guard log is parsed back with sympify: `floor(s0/16)` is sympy's floor,
+    not FloorDiv (gemma4_vit's constraints showed `math.floor((1/16)*H)`)."""
+    text = format_expr(sympy.Mod(sympy.floor(H / 16) * sympy.floor(W / 16), 9), SYM)
+    assert text == "((H//16)*(W//16)) % 9"
+    assert format_expr(sympy.ceiling(H / 32) + 1, SYM) == "ceil(H/32) + 1"
+    for h, w in [(224, 224), (230, 97), (17, 300)]:  # and it means what the guard means
+        assert eval(text, {"H": h, "W": w}) == (h // 16) * (w // 16) % 9  # noqa: S307
