@@ -132,7 +132,8 @@ class _Recorder(TorchFunctionMode):
         self.active: set[int] = set()  # derived from the input
         self.summary: dict[int, frozenset] = {}  # summaries (keys) a tensor carries, not yet broadcast
         self.resized: dict[int, frozenset] = {}  # resize and grid-pool events a tensor comes from
-        self.pending_grid: tuple | None = None  # the grid-pool event of the call being recorded
+        # the grid-pool or resample event the outputs of the call being recorded come from
+        self.pending_origin: tuple | None = None
         self.keep: list[Any] = []
         self.stack: list[tuple[str, int]] = []
         self.counts: dict[tuple, int] = {}
@@ -178,8 +179,8 @@ class _Recorder(TorchFunctionMode):
         res = frozenset().union(*came_from)
         if len(inputs) > 1 and res:
             self.mark_rejoined(inputs, came_from, res)
-        if self.pending_grid is not None:
-            res |= {self.pending_grid}
+        if self.pending_origin is not None:
+            res |= {self.pending_origin}
         if res:
             self.resized[id(out)] = res
         summaries = [self.summary.get(id(t), frozenset()) for t in inputs]
@@ -241,7 +242,7 @@ class _Recorder(TorchFunctionMode):
                     return
             self.default(ins, outs)
         finally:
-            self.pending_grid = None
+            self.pending_origin = None
             self.track_positions(name, ins, outs)
             if name in ("mul", "multiply") and len(ins) == 2 and ins[0] is not ins[1] \
                     and all(id(t) in self.active for t in ins):
@@ -618,7 +619,7 @@ def _adaptive(r: _Recorder, x, o, n: int, op: str) -> L.Layout:
             # (pooled over H only) must still pair with its twin at the other size
             grid.in_sizes = tuple(int(s) for s in x.shape[start:])
             grid.out_sizes = tuple(int(s) for s in o.shape[start:])
-            r.pending_grid = grid.key
+            r.pending_origin = grid.key
     return tuple(lay)
 
 
@@ -638,7 +639,7 @@ def _with_summary(r: _Recorder, lays, outs, x):
         r.layouts[id(o)] = lay
         if id(x) in r.active:
             r.active.add(id(o))
-        res = r.resized.get(id(x), frozenset()) | ({r.pending_grid} if r.pending_grid is not None else set())
+        res = r.resized.get(id(x), frozenset()) | ({r.pending_origin} if r.pending_origin is not None else set())
         if res:
             r.resized[id(o)] = res
         # a pool to a map of several positions is still a map: its summary is judged as positions
@@ -647,17 +648,23 @@ def _with_summary(r: _Recorder, lays, outs, x):
     return []
 
 
-def _rule_interpolate(r: _Recorder, x, args, kwargs, out, outs):
-    o = outs[0]
-    n = x.dim() - 2
+def _resample_event(r: _Recorder, x, o, op: str) -> tuple[L.Layout, Event]:
+    """A resample of the spatial dims of `x` to those of `o` (a resize, a sampling grid): the
+    output's layout, and a "resize" event that remembers the grid pools its input came from."""
     lay = list(r.layout(x))
-    for i in range(n):
+    for i in range(x.dim() - 2):
         a, b = int(x.shape[2 + i]), int(o.shape[2 + i])
         lay[2 + i] = L.resample(lay[2 + i], b, a / b, max(a / b - 1, 0.0))
     grids = frozenset(k for k in r.resized.get(id(x), ()) if r.by_key[k].kind == "gridpool")
-    ev = r.emit("resize", "interpolate", [], in_sizes=tuple(int(s) for s in x.shape[2:]),
+    ev = r.emit("resize", op, [], in_sizes=tuple(int(s) for s in x.shape[2:]),
                 out_sizes=tuple(int(s) for s in o.shape[2:]), from_grids=grids)
     r.mark_followed([x])
+    return tuple(lay), ev
+
+
+def _rule_interpolate(r: _Recorder, x, args, kwargs, out, outs):
+    o = outs[0]
+    lay, ev = _resample_event(r, x, o, "interpolate")
     r.keep.append(o)
     r.layouts[id(o)] = tuple(lay)
     if id(x) in r.active:
@@ -672,20 +679,11 @@ def _rule_grid_sample(r: _Recorder, x, args, kwargs, out, outs):
     for the input's size (`affine_grid(theta, x.size())`, a deformable offset field) keeps the
     map. The grid's own inputs (a theta pooled from the map) reach every output position."""
     o = outs[0]
-    n = x.dim() - 2
     if o.dim() != x.dim():
         return None
-    lay = list(r.layout(x))
-    for i in range(n):
-        a, b = int(x.shape[2 + i]), int(o.shape[2 + i])
-        if a != b:
-            lay[2 + i] = L.resample(lay[2 + i], b, a / b, max(a / b - 1, 0.0))
-    grids = frozenset(k for k in r.resized.get(id(x), ()) if r.by_key[k].kind == "gridpool")
-    ev = r.emit("resize", "grid_sample", [], in_sizes=tuple(int(s) for s in x.shape[2:]),
-                out_sizes=tuple(int(s) for s in o.shape[2:]), from_grids=grids)
-    r.mark_followed([x])
-    r.pending_grid = ev.key  # the output comes from this resample (set() adds it)
-    return [tuple(lay)]
+    lay, ev = _resample_event(r, x, o, "grid_sample")
+    r.pending_origin = ev.key  # set() adds it to the output's origins
+    return [lay]
 
 
 def _rule_pad(r: _Recorder, x, args, kwargs, out, outs):
@@ -858,7 +856,7 @@ def _module_rule(r: _Recorder, mod: nn.Module, args: tuple, out: Any) -> None:
         for t, lay in zip(outs, op):
             r.set(t, lay, [x])
     finally:
-        r.pending_grid = None
+        r.pending_origin = None
 
 
 @contextlib.contextmanager
