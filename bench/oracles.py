@@ -121,6 +121,21 @@ def _forward(model: nn.Module, shape: Size, device: str, dtype=torch.float32, se
 
 
 # ----------------------------------------------------------------------------- (a) size search
+def _roundings(s: int) -> list[Callable[[int], int]]:
+    """Ways a stack of strided layers of total stride `s` rounds a size: floor or ceil (padded
+    stems) in one step, or in two steps a * b = s each rounding its own way (a "same"-padded
+    stride-4 stem, ceil, then an 8x8 patchify, floor: R+ViT hybrids)."""
+    floor = lambda a: (lambda v: v // a)  # noqa: E731
+    ceil = lambda a: (lambda v: -(-v // a))  # noqa: E731
+    out = [floor(s), ceil(s)]
+    for a in (2, 4, 8, 16):
+        if s % a == 0 and 1 < s // a:
+            for first in (floor(a), ceil(a)):
+                for then in (floor(s // a), ceil(s // a)):
+                    out.append(lambda v, f=first, g=then: g(f(v)))
+    return out
+
+
 @dataclass
 class SizeSearch:
     """What ran where. `runs` holds the sizes besides the example that ran (confirmed by a real
@@ -166,9 +181,10 @@ class SizeSearch:
         positions (prod(size // s)) on another grid: a fixed count of positions, e.g. a token MLP
         over 196 patches of 16 px accepts 112x448 for 224x224. None when there is no such s."""
         for s in (1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 64):
-            for div in (lambda v: v // s, lambda v: -(-v // s)):  # floor and ceil (padded stems)
+            for div in _roundings(s):
                 count = math.prod(div(e) for e in self.example)
-                grids = {tuple(div(v) for v in size) for size in self.runs}
+                grids = [tuple(div(v) for v in size) for size in self.runs]
+                # every run keeps the count, and at least two runs do so on another grid
                 if (count and all(math.prod(g) == count for g in grids)
                         and sum(g != tuple(div(e) for e in self.example) for g in grids) >= 2):
                     return s

@@ -12,7 +12,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from oracles import candidate_sizes, perturbation_probe, size_search  # noqa: E402
+from oracles import SizeSearch, candidate_sizes, perturbation_probe, size_search  # noqa: E402
 
 
 class CNN(nn.Module):
@@ -45,6 +45,22 @@ class TokenMixer(nn.Module):
         t = self.stem(x).flatten(2)  # [B, C, N]
         t = t + self.tok(t)
         return self.fc(t.mean(2))
+
+
+class HybridTokens(nn.Module):
+    """R+ViT hybrids: a "same"-padded stride-4 stem (ceil) then an 8x8 patchify (floor) into a
+    fixed position table (144 tokens: 12x12 at 384x384)."""
+
+    def __init__(self, dim: int = 4, tokens: int = 144) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, 4, padding=1)  # ceil(H / 4)
+        self.patch = nn.Conv2d(dim, dim, 8, 8)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.patch(self.stem(x)).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(t.mean(1))
 
 
 class AxisMixer(nn.Module):
@@ -256,3 +272,18 @@ def test_probe_calibrates_norm_statistics_so_a_saturated_gate_shows_its_mixing(m
     monkeypatch.setattr(oracles, "calibrate_norm_statistics", lambda model, x: None)
     _, uncalibrated = _oracles(SaturatedGateCNN())
     assert uncalibrated.verdict == "local", uncalibrated.reason
+
+
+def test_a_token_count_reached_by_two_roundings_is_still_a_fixed_count():
+    """ceil(H/4) then floor(/8): 385x387 (the same 12x12 grid) and 189x770 (6x24) both keep the
+    144 tokens (eager runs), where one rounding at stride 32 reads 189x770 as 5x24 or 6x25: the
+    registry's size search read vit_tiny_r_s16_p8_384 as not fixed from exactly these runs."""
+    model = HybridTokens().eval()
+    runs = [(385, 387), (189, 770), (192, 768)]
+    with torch.no_grad():
+        for h, w in runs:
+            model(torch.zeros(1, 3, h, w))  # runs: 144 tokens
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, 416, 384))  # 13x12 tokens
+    search = SizeSearch(example=(384, 384), runs=runs)
+    assert search.same_count_only and search.fixed is True
