@@ -136,23 +136,13 @@ def test_grid_pool_into_the_classifier_is_the_head_not_context():
     assert r.global_context == [] and r.global_mixing == []
 
 
-def test_gate_behind_same_padding_is_global_context():
-    """timm's TF-"same" convs pad by amounts computed from the size: the padded map keeps its
-    positions (tf_efficientnet_b0's squeeze-excite gates were missed: nothing after the first pad
-    was positional)."""
-    torch.manual_seed(0)
-    model = SamePadSENet().eval()
-    assert far_end_changes(model, WIDE) and far_change_is_per_channel_affine(model, WIDE)
-    r = _analyse(model)
-    assert r.classification == "convolutional", r.summary
-    assert r.global_mixing == []
-    assert any(c.op == "mean" for c in r.global_context), r.global_context
-
-
-@pytest.mark.parametrize("factory, op", [(ResponseNormNet, "norm"), (SpatialNormalizeNet, "normalize")])
-def test_norms_over_positions_are_global_context(factory, op):
-    """A vector norm over H, W (ConvNeXt-V2's GRN; convnextv2_atto was judged local) and
-    F.normalize over the positions: per-channel statistics of the whole map, applied back."""
+@pytest.mark.parametrize("factory, op", [(SamePadSENet, "mean"), (ResponseNormNet, "norm"),
+                                         (SpatialNormalizeNet, "normalize")])
+def test_summaries_over_positions_applied_back_are_global_context(factory, op):
+    """A squeeze-excite gate behind timm's TF-"same" padding (pads computed from the size: the
+    padded map keeps its positions; tf_efficientnet_b0's gates were missed), a vector norm over
+    H, W (ConvNeXt-V2's GRN; convnextv2_atto was judged local) and F.normalize over the
+    positions: per-channel statistics of the whole map, applied back."""
     torch.manual_seed(0)
     model = factory().eval()
     assert far_end_changes(model, WIDE) and far_change_is_per_channel_affine(model, WIDE)

@@ -127,17 +127,20 @@ def test_a_pin_on_one_dim_is_a_constraint_not_fixed():
     assert "H == 32" in report.constraints
 
 
-def test_pool_to_a_constant_grid_followed_by_convs_is_a_resize():
-    """An adaptive pool to 6x6 that the convs go on processing: nothing after it varies with the
-    input (eager shapes), so it is a rigid node of kind "resized", and the head is the mean."""
+@pytest.mark.parametrize("factory, op, size", [(PoolToGridThenConv, "AdaptiveAvgPool2d", "6x6"),
+                                              (LearnedSamplingGrid, "grid_sample", "12x12")])
+def test_a_resample_to_a_constant_grid_followed_by_convs_is_a_resize(factory, op, size):
+    """An adaptive pool to 6x6, or `grid_sample` at a learned 12x12 grid, that the convs go on
+    processing: nothing after it varies with the input (eager shapes), so it is a rigid node of
+    kind "resized", not the head (the head is the mean) and not global context."""
     torch.manual_seed(0)
-    model = PoolToGridThenConv().eval()
+    model = factory().eval()
     assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
     assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
     r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
     assert r.classification == "polymorphic", r.summary
-    assert [(n.kind, n.module) for n in r.rigid_nodes] == [("resized", "pool")]
-    assert "6x6" in r.rigid_nodes[0].reason
+    assert [(n.kind, n.op) for n in r.rigid_nodes] == [("resized", op)]
+    assert size in r.rigid_nodes[0].reason
     assert r.global_context == []
     assert r.head is not None and "mean" in r.head.node
 
@@ -155,17 +158,6 @@ def test_size_branch_not_taken_at_the_example_is_a_constraint():
     branch = [c for c in r.constraints if "branch" in c]
     assert branch and branch[0].startswith("H <= 40"), r.constraints
     assert "test_verdicts_sizes.py" not in branch[0] and "verdict_models.py" in branch[0]
-
-
-def test_sampling_at_a_learned_grid_is_a_resize():
-    torch.manual_seed(0)
-    model = LearnedSamplingGrid().eval()
-    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
-    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
-    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
-    assert r.classification == "polymorphic", r.summary
-    assert [(n.kind, n.op) for n in r.rigid_nodes] == [("resized", "grid_sample")]
-    assert "12x12" in r.rigid_nodes[0].reason
 
 
 def test_fold_to_a_fixed_size_is_rigid_and_not_the_head():
