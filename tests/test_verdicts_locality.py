@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import mixfx
-from verdict_models import (AdditiveAttention, ContextNet, CrossCovarianceAttention, FNO, GridAttention,
-                            GridPoolClassifier, LatentCrossAttention, PaddedWindowNet, LeafNet, LinearAttention, ModuleGateNet,
-                            PooledAttention, PyramidPoolingNet, ResponseNormNet, RowLSTM, RowScan, SamePadSENet,
-                            SpatialNormalizeNet, StripPoolGate, WindowNet, WrappedAttention,
-                            far_change_is_per_channel_affine, far_end_changes, reach_grows)
+from verdict_models import (AdditiveAttention, AxialAttention, ContextNet, CrossCovarianceAttention,
+                            EllipsisChannelAttention, FNO, GridAttention, GridPoolClassifier, LatentCrossAttention,
+                            LeafNet, LinearAttention, ModuleGateNet, PaddedWindowNet, PooledAttention,
+                            PyramidPoolingNet, ResponseNormNet, RowLSTM, RowScan, SamePadSENet, SpatialNormalizeNet,
+                            StripPoolGate, WindowNet, WrappedAttention, far_change_is_per_channel_affine,
+                            far_end_changes, reach_grows)
 
 SHAPE = (1, 3, 32, 48)
 WIDE = (1, 3, 24, 32)  # wider than any of these models' local receptive fields (stem 3x3, 4x4 windows)
@@ -36,6 +37,8 @@ GLOBAL_MIXING = {
     "additive_attention_pooling": (AdditiveAttention, {}, None),
     "scan_along_W": (RowScan, {}, None),
     "recurrence_along_W": (RowLSTM, {}, "rnn"),
+    "axial_attention_with_bmm": (AxialAttention, {}, None),
+    "channel_attention_with_einsum_ellipses": (EllipsisChannelAttention, {}, None),
 }
 
 

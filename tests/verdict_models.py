@@ -641,3 +641,35 @@ class PaddedWindowNet(nn.Module):
         o = F.scaled_dot_product_attention(q, kk, v)
         o = o.view(b, hp // k, wp // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
         return o[:, :h, :w].permute(0, 3, 1, 2)
+
+
+class AxialAttention(nn.Module):
+    """Attention along each column (axial attention) with `torch.bmm` in the top-level forward:
+    global mixing along H, attributed to the bmm node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x.permute(0, 3, 2, 1).reshape(b * w, h, c)).chunk(3, dim=-1)
+        att = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+        return torch.bmm(att, v).reshape(b, w, h, c).permute(0, 3, 2, 1)
+
+
+class EllipsisChannelAttention(nn.Module):
+    """XCiT-style channel attention written with einsum ellipses (`'...cn,...dn->...cd'`): the
+    C x C map sums over all positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+
+    def forward(self, x):
+        x = self.stem(x)
+        t = x.flatten(2)
+        att = (torch.einsum("...cn,...dn->...cd", t, t) / t.shape[-1]).softmax(-1)
+        return torch.einsum("...cd,...dn->...cn", att, t).view_as(x)

@@ -434,7 +434,7 @@ def _rule_matmul(r: _Recorder, x, args, kwargs, out, outs):
     if id(a) in r.active and id(b) in r.active:
         # both sides name the same contracted positions: count them once
         dims = [d for d in (la[-1], lb[-2]) if L.positional(d)][:1]
-        _contract_event(r, "matmul", dims, "a matmul of two activations")
+        _contract_event(r, getattr(r, "_op", "matmul"), dims, "a matmul of two activations")
     o = outs[0]
     batch = L.broadcast([(la[:-2], tuple(a.shape[:-2])), (lb[:-2], tuple(b.shape[:-2]))], tuple(o.shape[:-2]))
     return [(*batch, la[-2], lb[-1])]
@@ -443,9 +443,12 @@ def _rule_matmul(r: _Recorder, x, args, kwargs, out, outs):
 def _rule_einsum(r: _Recorder, x, args, kwargs, out, outs):
     eq = args[0] if args and isinstance(args[0], str) else None
     ops = list(args[1:]) if len(args) > 2 else (list(args[1]) if len(args) == 2 else [])
-    if eq is None or "->" not in eq or "." in eq or len(ops) != len(eq.split("->")[0].split(",")):
+    if eq is None or "->" not in eq or len(ops) != len(eq.split("->")[0].split(",")):
         return None
-    lhs, rhs = eq.replace(" ", "").split("->")
+    eq = _expand_ellipsis(eq.replace(" ", ""), ops)
+    if eq is None:
+        return None
+    lhs, rhs = eq.split("->")
     letters: dict[str, L.Dim] = {}
     contracted: dict[str, list[L.Dim]] = {}
     for spec, t in zip(lhs.split(","), ops):
@@ -460,6 +463,23 @@ def _rule_einsum(r: _Recorder, x, args, kwargs, out, outs):
         if dims:
             _contract_event(r, "einsum", dims[:1], f"einsum '{eq}' contracts positions between activations")
     return [tuple(letters.get(ch, L.channel(s)) for ch, s in zip(rhs, outs[0].shape))]
+
+
+def _expand_ellipsis(eq: str, ops: Sequence[Any]) -> str | None:
+    """`'...cn,...dn->...cd'` with letters of its own for the dims each `...` stands for
+    (right-aligned, as einsum broadcasts them); None when the equation cannot be read."""
+    if "..." not in eq:
+        return None if "." in eq else eq
+    lhs, rhs = eq.split("->")
+    specs = lhs.split(",")
+    spans = [t.dim() - len(spec.replace("...", "")) if "..." in spec else 0 for spec, t in zip(specs, ops)]
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    n = max(spans, default=0)
+    if n > len(free) or any(k < 0 for k in spans):
+        return None
+    fill = "".join(free[:n])
+    specs = [spec.replace("...", fill[n - k:]) for spec, k in zip(specs, spans)]
+    return ",".join(specs) + "->" + rhs.replace("...", fill)
 
 
 def _rule_sdpa(r: _Recorder, x, args, kwargs, out, outs):
@@ -777,7 +797,7 @@ _RULES.update({"unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "getitem"
                "interpolate": _rule_interpolate, "upsample": _rule_interpolate, "grid_sample": _rule_grid_sample, "fold": _rule_fold, "unfold": _rule_unfold,
                "pad": _rule_pad, "constant_pad_nd": _rule_pad})
 for _n in _MATMULS:
-    _RULES[_n] = _rule_matmul
+    _RULES[_n] = _with_op(_n, _rule_matmul)
 for _n in _FFTS:
     _RULES[_n] = _with_op(_n, _rule_fft)
 for _n in _REDUCTIONS:
