@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import mixfx
-from verdict_models import (BatchAbsorbingView, BlockDivisible, Conv1dNet, FoldToFixedSize, GlobalFilter,
-                            InputSizeBranch, LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv, RowsAsFeatures,
-                            SizeBranch, runs_at)
+from verdict_models import (BatchAbsorbingView, BlockDivisible, CenterCropThenConv, Conv1dNet, FoldToFixedSize,
+                            GlobalFilter, InputSizeBranch, LearnedSamplingGrid, PoolToGridThenConv, ResizeThenConv,
+                            RowsAsFeatures, SizeBranch, SpatialPyramidPooling, runs_at)
 
 
 def _module_output_shapes(model: nn.Module, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -209,3 +209,24 @@ def test_a_pin_of_one_dim_is_rigid_but_not_fixed():
     assert r.classification == "polymorphic", r.summary
     assert [(n.module, n.kind) for n in r.rigid_nodes] == [("fc", "structural")]
     assert "H == 32" in r.constraints
+
+
+def test_a_crop_to_a_constant_size_followed_by_convs_is_a_resize():
+    torch.manual_seed(0)
+    model = CenterCropThenConv().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
+    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "polymorphic", r.summary
+    assert [n.kind for n in r.rigid_nodes] == ["resized"] and "cropped to 16x16" in r.rigid_nodes[0].reason
+    assert r.head is not None and "mean" in r.head.node
+
+
+def test_spatial_pyramid_pooling_into_the_classifier_is_the_head_not_context():
+    torch.manual_seed(0)
+    model = SpatialPyramidPooling().eval()
+    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
+    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
+    assert r.classification == "convolutional", r.summary
+    assert r.global_context == [] and r.global_mixing == []
+    assert r.head is not None and "adaptive_max_pool2d" in r.head.node

@@ -673,3 +673,32 @@ class EllipsisChannelAttention(nn.Module):
         t = x.flatten(2)
         att = (torch.einsum("...cn,...dn->...cd", t, t) / t.shape[-1]).softmax(-1)
         return torch.einsum("...cd,...dn->...cn", att, t).view_as(x)
+
+
+class CenterCropThenConv(nn.Module):
+    """Crops a 16x16 center out of any input and convolves it: a resize to a constant size by
+    slicing (slices computed from the size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(stem(), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1))
+        self.fc = nn.Linear(C, 10)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = x[..., h // 2 - 8:h // 2 + 8, w // 2 - 8:w // 2 + 8]
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+class SpatialPyramidPooling(nn.Module):
+    """SPP-net's head: the map max-pooled to 1x1, 2x2 and 4x4 grids, flattened and concatenated
+    into a Linear. Positions stop at the pools: the head, not context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = stem()
+        self.fc = nn.Linear(C * 21, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(torch.cat([F.adaptive_max_pool2d(x, g).flatten(1) for g in (1, 2, 4)], 1))

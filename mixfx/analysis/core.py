@@ -174,7 +174,9 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
             mixing = [GlobalMixing(*self._attribute(f), f.reason) for f in findings if f.kind == "mixing"]
             context = [GlobalContext(*self._attribute(f), f.reason) for f in findings if f.kind == "context"]
         mixing = self._before_head(mixing, head)
-        context = self._before_head(context, head)
+        # a summary at the head itself is the head's pooling (spatial pyramid pooling's cells
+        # concatenated into the classifier), not context broadcast back onto a map
+        context = [c for c in self._before_head(context, head) if head is None or c.node != head.name]
         self.timings["locality_s"] = time.perf_counter() - t0
 
         fixed = bool(rigid)

@@ -354,6 +354,7 @@ def _rule_getitem(r: _Recorder, x, args, kwargs, out, outs):
     lay = list(r.layout(x))
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     res: list[L.Dim] = []
+    crops: list[tuple[int, int]] = []
     d = 0
     for i in idx:
         if i is Ellipsis:
@@ -367,6 +368,8 @@ def _rule_getitem(r: _Recorder, x, args, kwargs, out, outs):
         elif isinstance(i, slice):
             start, stop, step = i.indices(int(x.shape[d]))
             length = len(range(start, stop, step))
+            if step == 1 and 2 <= length < int(x.shape[d]) and L.positional(lay[d]):
+                crops.append((int(x.shape[d]), length))
             res.append(L.resample(lay[d], length, float(step)))
             d += 1
         else:
@@ -374,6 +377,12 @@ def _rule_getitem(r: _Recorder, x, args, kwargs, out, outs):
     res += lay[d:]
     if len(res) != outs[0].dim():
         return None
+    if crops:
+        # a crop (a center crop to 16x16, or dropping a class token): a resize to a constant
+        # size when its output does not change with the input (judged between the two runs)
+        ev = r.emit("resize", "getitem", [], in_sizes=tuple(a for a, _ in crops),
+                    out_sizes=tuple(b for _, b in crops))
+        r.pending_origin = ev.key
     return [tuple(res)]
 
 
@@ -999,8 +1008,9 @@ def judge(first: OpLog, second: OpLog | None, axis_names: Sequence[str]) -> list
         elif e.kind == "resize" and e.followed:
             const = twin is not None and twin.out_sizes == e.out_sizes and twin.in_sizes != e.in_sizes
             if const and any(s > 1 for s in e.out_sizes):
+                how = "cropped" if e.op == "getitem" else "resized"
                 found.append(Finding("resized", e.module, e.op,
-                                     f"resized to {'x'.join(map(str, e.out_sizes))}: nothing after it varies with "
+                                     f"{how} to {'x'.join(map(str, e.out_sizes))}: nothing after it varies with "
                                      "the input", e.out_sizes, e.function, e.index))
     seen: set[tuple] = set()
     for e in first.events:
