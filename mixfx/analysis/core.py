@@ -373,7 +373,9 @@ class _Analyser(GuardStage, HeadStage, GraphMixingStage):
         second = None
         # a second run only where the first has something to judge: an op that combined
         # positions, or a summary broadcast back (a plain CNN's only event is its global pool)
-        judged = any(e.kind in ("mixing", "norm", "resize", "broadcast") or (e.kind == "gridpool" and e.followed)
+        # (a resize or grid pool counts only where spatial processing follows it: a crop that only
+        # drops a class token, or a resize into the classifier, cannot make a finding)
+        judged = any(e.kind in ("mixing", "norm", "broadcast") or (e.kind in ("resize", "gridpool") and e.followed)
                      for e in first.events)
         if running and judged:
             # a size that differs from the example along every axis it can (a scan over W is
