@@ -121,3 +121,21 @@ def test_folder_output(model_file, tmp_path):
     res = invoke(model_file, "--to", "conv", "--format", "folder", "-o", out)
     assert res.exit_code == 0, res.output
     assert (out / "module.py").exists() and (out / "state_dict.pt").exists()
+
+
+def test_layout_changes_read_as_one_group_with_the_permutes_left(model_file, tmp_path):
+    """The permute pairs cancelled, what they were around and the ops now on channels: a count
+    line and its indented lines, the pass's "permutes in the graph" count folded into it (not a
+    note of its own), and `wrote X.pt` without a `(pt)` that repeats the suffix."""
+    out = tmp_path / "net_conv.pt"
+    res = invoke(model_file, "--to", "conv", "-o", out)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if "permute pairs cancelled" in line)
+    assert lines[head].split() == ["2", "layout", "permute", "pairs", "cancelled;", "permutes", "in", "the",
+                                   "graph", "6", "->", "0"]
+    assert lines[head + 1] == "      around LayerNorm x1, relu x1"
+    assert lines[head + 2] == "      now LayerNorm -> ChannelLayerNorm"
+    assert not any(line.startswith("note: layout") for line in lines)
+    assert lines[-1] == f"wrote {out}"
+    assert max(len(line) for line in lines[:-1]) <= 80  # (the last holds a long temporary path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -114,7 +115,8 @@ def rewrite(
         return
     render_result(result, loaded.name)
     if written is not None:
-        console.print(f"wrote [bold]{written}[/] ({format})", highlight=False)
+        named = Path(str(written)).suffix == f".{format}"  # `out.pt (pt)` says it twice
+        console.print(f"wrote [bold]{written}[/]" + ("" if named else f" ({format})"), highlight=False)
     else:
         console.print("[dim]nothing written (use -o PATH to save the rewritten module)[/]")
 
@@ -134,6 +136,8 @@ def _kind(text: str) -> str:
         previous, text = text, re.sub(r"\s*\([^()]*\)", group, text)
     return re.sub(r"\s+", " ", text).strip()
 
+
+_PERMUTES_LEFT = "layout: permutes/transposes in the graph "  # passes/layout.py's note
 
 # a layout change that removed a permute pair around one op: `permute(0, 2, 3, 1) -> GELU -> permute(0, 3, 1, 2)`
 _LAYOUT_SANDWICH = re.compile(r"^permute\([\d, ]+\) -> (\S+) -> permute\([\d, ]+\)$")
@@ -194,9 +198,14 @@ def print_group(count: int, text: str, names: list[str]) -> None:
     for line in textwrap.wrap(head, width, subsequent_indent=" " * 6, break_long_words=False, break_on_hyphens=False):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if shown:
-        for line in textwrap.wrap(shown, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                  break_long_words=False, break_on_hyphens=False):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        print_group_names(shown)
+
+
+def print_group_names(text: str) -> None:
+    """A continuation line under a group, indented like its names."""
+    for line in textwrap.wrap(text, _width(), initial_indent=" " * 6, subsequent_indent=" " * 6,
+                              break_long_words=False, break_on_hyphens=False):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _render_skipped(result: Any) -> None:
@@ -217,11 +226,14 @@ def render_result(result: Any, name: str) -> None:
     console.print(f"[bold]Changes ({len(result.changes)})[/]")
     groups: dict[tuple[str, str], list[str]] = {}
     cancelled: dict[str, int] = {}  # layout: permute pairs cancelled around an op -> how many
+    renamed: dict[str, str] = {}  # ... and the ops that now work on the other layout
     for c in result.changes:
         around = _LAYOUT_SANDWICH.match(c.before) if c.pass_name == "layout" else None
         if around:
-            op = around.group(1) + ("" if c.after == around.group(1) else f" (now {c.after})")
+            op = around.group(1)
             cancelled[op] = cancelled.get(op, 0) + 1
+            if c.after != op:
+                renamed[op] = c.after
             continue
         if c.pass_name == "layout":  # another layout pattern: the exact pattern and what it became
             key = (c.pass_name, f"{c.before}  =>  {c.after}")
@@ -232,16 +244,24 @@ def render_result(result: Any, name: str) -> None:
         console.print("     none")
     for (pass_name, text), names in groups.items():
         print_group(len(names), f"{pass_name}  {text}", names if pass_name != "layout" else [])
+    notes = list(result.notes)
     if cancelled:
-        print_group(sum(cancelled.values()), "layout  permute pairs cancelled around "
-                    + ", ".join(f"{op} x{n}" for op, n in cancelled.items()), [])
+        # the pass's count of permutes left reads as part of this line, not as a note of its own
+        left = next((n for n in notes if n.startswith(_PERMUTES_LEFT)), None)
+        if left is not None:
+            notes.remove(left)
+        print_group(sum(cancelled.values()), "layout  permute pairs cancelled"
+                    + (f"; permutes in the graph {left[len(_PERMUTES_LEFT):]}" if left else ""), [])
+        print_group_names("around " + ", ".join(f"{op} x{n}" for op, n in cancelled.items()))
+        if renamed:
+            print_group_names("now " + ", ".join(f"{op} -> {new}" for op, new in renamed.items()))
     _render_skipped(result)
     score_map = result.score_map.describe() if result.score_map is not None else None  # --to fcn
     if score_map:
         for line in textwrap.wrap(score_map, _width(), subsequent_indent="  ", break_long_words=False,
                                   break_on_hyphens=False):
             console.print(line, highlight=False, markup=False, soft_wrap=True)
-    for note in result.notes:
+    for note in notes:
         if note == score_map:
             continue
         for i, line in enumerate(textwrap.wrap(f"note: {note}", _width(), subsequent_indent="      ",
