@@ -70,17 +70,27 @@ def test_resize_to_a_constant_size_is_a_rigid_node_of_its_own_kind_not_the_head(
     assert "mean" in r.head.node
 
 
-def test_size_branch_is_a_constraint():
+@pytest.mark.parametrize("factory, example, dim, bound, constraint", [
+    (SizeBranch, (1, 3, 32, 64), -1, 48, "W >= 49"),  # `if W > 48` after the stem, taken at W = 64
+    (InputSizeBranch, (1, 3, 32, 48), -2, 40, "H <= 40"),  # `if H > 40` on the input, not taken at H = 32
+])
+def test_size_branch_is_a_constraint(factory, example, dim, bound, constraint):
+    """A branch on a size, taken or not at the example: torch.export traces the side the example
+    takes, and the trace holds on one side of the bound, an input constraint (not a pin) said
+    with the model's own source line."""
     torch.manual_seed(0)
-    model = SizeBranch().eval()
-    # ground truth: the output formula changes at W = 48 / 49
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 32, 48)).shape[-1] == 48
-        assert model(torch.randn(1, 3, 32, 50)).shape[-1] == 25
-    r = mixfx.analyze(model, torch.randn(1, 3, 32, 64))
+    model = factory().eval()
+    # ground truth: the output formula changes at the bound (halved one step past it)
+    for size, expected in ((bound, bound), (bound + 2, (bound + 2) // 2)):
+        shape = list(example)
+        shape[dim] = size
+        with torch.no_grad():
+            assert model(torch.randn(shape)).shape[dim] == expected
+    r = mixfx.analyze(model, torch.randn(example))
     assert r.classification == "convolutional", r.summary
     branch = [c for c in r.constraints if "branch" in c]
-    assert branch and "W" in branch[0] and ("49" in branch[0] or "48" in branch[0]), r.constraints
+    assert branch and branch[0].startswith(constraint), r.constraints
+    assert "test_verdicts_sizes.py" not in branch[0] and "verdict_models.py" in branch[0]
 
 
 def test_small_example_head_is_the_pool_not_a_one_pixel_conv(example_path):
@@ -128,11 +138,13 @@ def test_a_pin_on_one_dim_is_a_constraint_not_fixed():
 
 
 @pytest.mark.parametrize("factory, op, size", [(PoolToGridThenConv, "AdaptiveAvgPool2d", "6x6"),
-                                              (LearnedSamplingGrid, "grid_sample", "12x12")])
+                                              (LearnedSamplingGrid, "grid_sample", "12x12"),
+                                              (CenterCropThenConv, "getitem", "cropped to 16x16")])
 def test_a_resample_to_a_constant_grid_followed_by_convs_is_a_resize(factory, op, size):
-    """An adaptive pool to 6x6, or `grid_sample` at a learned 12x12 grid, that the convs go on
-    processing: nothing after it varies with the input (eager shapes), so it is a rigid node of
-    kind "resized", not the head (the head is the mean) and not global context."""
+    """An adaptive pool to 6x6, `grid_sample` at a learned 12x12 grid, or a 16x16 center crop,
+    that the convs go on processing: nothing after it varies with the input (eager shapes), so
+    it is a rigid node of kind "resized", not the head (the head is the mean) and not global
+    context."""
     torch.manual_seed(0)
     model = factory().eval()
     assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
@@ -143,21 +155,6 @@ def test_a_resample_to_a_constant_grid_followed_by_convs_is_a_resize(factory, op
     assert size in r.rigid_nodes[0].reason
     assert r.global_context == []
     assert r.head is not None and "mean" in r.head.node
-
-
-def test_size_branch_not_taken_at_the_example_is_a_constraint():
-    """`if H > 40` on the input at H = 32: torch.export traces the untaken side; the trace holds
-    for H <= 40, a branch (the output formula changes at 40 / 41), not a pin to 32."""
-    torch.manual_seed(0)
-    model = InputSizeBranch().eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, 40, 48)).shape[-2] == 40
-        assert model(torch.randn(1, 3, 42, 48)).shape[-2] == 21
-    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
-    assert r.classification == "convolutional", r.summary
-    branch = [c for c in r.constraints if "branch" in c]
-    assert branch and branch[0].startswith("H <= 40"), r.constraints
-    assert "test_verdicts_sizes.py" not in branch[0] and "verdict_models.py" in branch[0]
 
 
 def test_fold_to_a_fixed_size_is_rigid_and_not_the_head():
@@ -209,17 +206,6 @@ def test_a_pin_of_one_dim_is_rigid_but_not_fixed():
     assert r.classification == "polymorphic", r.summary
     assert [(n.module, n.kind) for n in r.rigid_nodes] == [("fc", "structural")]
     assert "H == 32" in r.constraints
-
-
-def test_a_crop_to_a_constant_size_followed_by_convs_is_a_resize():
-    torch.manual_seed(0)
-    model = CenterCropThenConv().eval()
-    assert runs_at(model, (1, 3, 32, 48)) and runs_at(model, (1, 3, 80, 56))
-    assert _module_output_shapes(model, (1, 3, 80, 56))["body"] == _module_output_shapes(model, (1, 3, 32, 48))["body"]
-    r = mixfx.analyze(model, torch.randn(1, 3, 32, 48))
-    assert r.classification == "polymorphic", r.summary
-    assert [n.kind for n in r.rigid_nodes] == ["resized"] and "cropped to 16x16" in r.rigid_nodes[0].reason
-    assert r.head is not None and "mean" in r.head.node
 
 
 def test_spatial_pyramid_pooling_into_the_classifier_is_the_head_not_context():
