@@ -73,7 +73,9 @@ def test_rewrite_output_piped_groups_changes_one_line_each():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
-    changes = lines[lines.index("Changes (23)") + 1:lines.index(next(l for l in lines if l.startswith("note:")))]
+    # the changes run up to the first note or, with none, the verification
+    end = next(l for l in lines if l.startswith(("note:", "Verification")))
+    changes = lines[lines.index("Changes (23)") + 1:lines.index(end)]
     assert len(changes) <= 12, changes  # 23 changes in 6 kinds, not 150 lines
     assert any("8  linear_to_conv  Linear -> Conv2d 1x1" in l for l in changes)
     assert "stages.*.blocks.*.mlp.fc*" in proc.stdout
